@@ -1,0 +1,371 @@
+"""Wan2.1's diffusion transformer with block-causal attention and an explicit KV cache.
+
+Parameter names are Wan's checkpoint keys exactly (``blocks.N.self_attn.q.weight``, ...), so the
+official, ComfyUI and CausVid files load with at most a prefix strip. One ``forward`` serves three
+attention modes:
+
+- bidirectional (the teacher): no mask, no cache;
+- block-causal over a whole sequence (training): ``chunk_sizes`` gives the mask
+  ``chunk(key) <= chunk(query)``, timesteps per latent frame ``[B, F]``;
+- incremental (inference): a ``KVCache``; the new chunk attends to the cached chunks and itself,
+  and with ``write_cache=True`` its keys/values are appended after the pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import RopeTable, attention, block_causal_frame_mask, token_mask
+from .config import DiTConfig
+from .kv_cache import KVCache
+
+
+def sinusoidal_embedding(dim: int, positions: Tensor) -> Tensor:
+    """Wan's timestep embedding [N, dim], computed in float64: cat(cos(t w), sin(t w)), w = 10000^(-i/half)."""
+    half = dim // 2
+    pos = positions.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    sinusoid = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (no affine parameters unless asked, as in Wan)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """Apply a linear layer in its own dtype."""
+    return layer(x.to(layer.weight.dtype))
+
+
+@dataclass
+class CrossKV:
+    """Cross-attention keys/values of one prompt for every block: computed once per prompt."""
+
+    keys: list[Tensor]  # [B, text_len, heads, head_dim] per block
+    values: list[Tensor]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def lerp(self, other: CrossKV, weight: float) -> CrossKV:
+        """Blend towards ``other`` (weight 0 -> self, 1 -> other)."""
+        return CrossKV(
+            [torch.lerp(a, b, weight) for a, b in zip(self.keys, other.keys)],
+            [torch.lerp(a, b, weight) for a, b in zip(self.values, other.values)],
+        )
+
+
+@dataclass
+class _AttnPlan:
+    """How self-attention runs in this forward pass."""
+
+    rope: RopeTable  # for the new tokens' queries and keys
+    mask: Tensor | None = None  # block-causal token mask (full-sequence mode)
+    cache: KVCache | None = None
+    cache_rope: RopeTable | None = None  # re-rotation of cached keys ("window" rope mode)
+    write_cache: bool = False
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, layer: int, plan: _AttnPlan) -> Tensor:
+        b, n, _ = x.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q = self.norm_q(_linear(self.q, x)).view(shape)  # [B, L, heads, head_dim]
+        k = self.norm_k(_linear(self.k, x)).view(shape)
+        v = _linear(self.v, x).view(shape)
+        q, k_rot = plan.rope.apply(q), plan.rope.apply(k)
+        cache = plan.cache
+        if cache is not None:
+            ck, cv = cache.read(layer)
+            if plan.cache_rope is not None:
+                ck = plan.cache_rope.apply(ck)
+            if plan.write_cache:
+                cache.stage(layer, k if cache.rope_mode == "window" else k_rot, v)
+            k_all = torch.cat([ck.to(k_rot.dtype), k_rot], dim=1)
+            v_all = torch.cat([cv.to(v.dtype), v], dim=1)
+        else:
+            k_all, v_all = k_rot, v
+        out = attention(q, k_all, v_all, plan.mask)
+        return _linear(self.o, out)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, Lt, heads, head_dim] of embedded text ``context`` [B, Lt, dim]."""
+        b, n, _ = context.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        k = self.norm_k(_linear(self.k, context)).view(shape)
+        v = _linear(self.v, context).view(shape)
+        return k, v
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(_linear(self.q, x)).view(b, n, self.num_heads, self.head_dim)
+        return _linear(self.o, attention(q, k.to(q.dtype), v.to(q.dtype)))
+
+
+class WanBlock(nn.Module):
+    """One Wan transformer block with per-frame adaLN modulation (``e`` is [B, F, 6, dim])."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = (
+            WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
+            if cfg.cross_attn_norm
+            else nn.Identity()
+        )
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self, x: Tensor, e: Tensor, cross_k: Tensor, cross_v: Tensor, layer: int, plan: _AttnPlan
+    ) -> Tensor:
+        b, n, d = x.shape
+        frames = e.shape[1]
+        mod = (self.modulation.float().unsqueeze(1) + e).unsqueeze(3)  # [B, F, 6, 1, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B, F, 1, dim]
+
+        def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+            h = h.float().view(b, frames, n // frames, d)
+            return (h * (1 + scale) + shift).view(b, n, d)
+
+        def gated(y: Tensor, gate: Tensor) -> Tensor:
+            return (y.float().view(b, frames, n // frames, d) * gate).view(b, n, d)
+
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), layer, plan)
+        x = x + gated(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), cross_k, cross_v).float()
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(self.ffn[0].weight.dtype))
+        return x + gated(y, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        out = cfg.out_dim * math.prod(cfg.patch_size)
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """``e`` is the time embedding before ``time_projection`` [B, F, dim]."""
+        b, n, d = x.shape
+        frames = e.shape[1]
+        mod = self.modulation.float().unsqueeze(1) + e.unsqueeze(2)  # [B, F, 2, dim]
+        shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
+        h = self.norm(x).float().view(b, frames, n // frames, d) * (1 + scale) + shift
+        return _linear(self.head, h.view(b, n, d))
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 DiT (T2V) predicting the flow velocity v = eps - x0."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        if cfg.model_type != "t2v":
+            raise NotImplementedError(
+                "Wan image-to-video (i2v) transformers are not supported: CausVid uses the T2V "
+                "model, and image-to-video is done by seeding the stream with the image's latent"
+            )
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.gradient_checkpointing = False
+
+    # -- text ------------------------------------------------------------------------------
+    def encode_context(self, context: Tensor) -> CrossKV:
+        """Embed text features [B, L<=text_len, text_dim] (zero-padded to text_len, unmasked as in
+        the reference) and compute every block's cross-attention keys and values."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"text context must be [B, L, {cfg.text_dim}], got {list(context.shape)}; "
+                "was it made by the text encoder this model was trained with?"
+            )
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, at most {cfg.text_len}")
+        if context.shape[1] < cfg.text_len:
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        emb = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+        keys, values = [], []
+        for block in self.blocks:
+            k, v = block.cross_attn.context_kv(emb)
+            keys.append(k)
+            values.append(v)
+        return CrossKV(keys, values)
+
+    # -- time ------------------------------------------------------------------------------
+    def embed_time(self, t: Tensor, batch: int, frames: int) -> tuple[Tensor, Tensor]:
+        """Per-frame time embedding e [B, F, dim] and block modulation e0 [B, F, 6, dim] (float32)."""
+        t = t.reshape(batch, -1) if t.ndim > 0 else t.reshape(1, 1).expand(batch, 1)
+        if t.shape[1] == 1:
+            t = t.expand(batch, frames)
+        if t.shape != (batch, frames):
+            raise ValueError(f"timesteps must be [B] or [B, F] = [{batch}, {frames}], got {list(t.shape)}")
+        sin = sinusoidal_embedding(self.config.freq_dim, t.reshape(-1))
+        lin = self.time_embedding[0]
+        e = self.time_embedding(sin.to(lin.weight.dtype)).float()
+        e0 = _linear(self.time_projection[1], F.silu(e)).float()
+        return e.view(batch, frames, -1), e0.view(batch, frames, 6, -1)
+
+    # -- main ------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | CrossKV,
+        *,
+        start_frame: int | None = None,
+        chunk_sizes: list[int] | None = None,
+        sink_chunks: int | None = None,
+        window_chunks: int | None = None,
+        cache: KVCache | None = None,
+        write_cache: bool = False,
+    ) -> Tensor:
+        """Predict v = eps - x0 for latents ``x`` [B, C, F, H, W] at raw timesteps ``t`` (0..1000).
+
+        ``start_frame``: absolute latent index of x's first frame (RoPE); with a cache it defaults
+        to the frame after the cached ones. ``chunk_sizes`` (no cache): block-causal mask, with an
+        optional rolling window (``sink_chunks``/``window_chunks``) to match a rolling cache.
+        """
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"latents must be [B, {cfg.in_dim}, F, H, W], got {list(x.shape)}")
+        b, _, frames, lat_h, lat_w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (frames // pt, lat_h // ph, lat_w // pw)
+        if frames % pt or lat_h % ph or lat_w % pw:
+            raise ValueError(f"latent {frames}x{lat_h}x{lat_w} is not divisible by patch {cfg.patch_size}")
+        if chunk_sizes is not None and cache is not None:
+            raise ValueError("pass chunk_sizes (full-sequence training) or cache (streaming), not both")
+        if write_cache and cache is None:
+            raise ValueError("write_cache=True needs a cache")
+
+        cross = context if isinstance(context, CrossKV) else self.encode_context(context)
+        if cross.batch != b:
+            raise ValueError(f"prompt batch {cross.batch} does not match latent batch {b}")
+        if start_frame is None:
+            start_frame = cache.next_frame if cache is not None else 0
+        plan = self._plan(grid, x.device, start_frame, chunk_sizes, sink_chunks, window_chunks, cache, write_cache)
+
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F, H/2, W/2]
+        h = h.flatten(2).transpose(1, 2).float()  # [B, L, dim]
+        e, e0 = self.embed_time(t.to(x.device), b, grid[0])
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, e0, cross.keys[i], cross.values[i], i, plan, use_reentrant=False)
+            else:
+                h = block(h, e0, cross.keys[i], cross.values[i], i, plan)
+        if write_cache:
+            cache.commit(start_frame, grid[0])
+        out = self.head(h, e)  # [B, L, out_dim * prod(patch)]
+        return self.unpatchify(out.float(), grid)
+
+    def _plan(
+        self,
+        grid: tuple[int, int, int],
+        device: torch.device,
+        start_frame: int,
+        chunk_sizes: list[int] | None,
+        sink_chunks: int | None,
+        window_chunks: int | None,
+        cache: KVCache | None,
+        write_cache: bool,
+    ) -> _AttnPlan:
+        cfg = self.config
+        frames, gh, gw = grid
+        mask = cache_rope = None
+        if cache is not None:
+            if cache.chunks and start_frame != cache.next_frame:
+                raise ValueError(f"chunk starts at frame {start_frame}, the cache ends at {cache.next_frame}")
+            if cache.tokens_per_frame != gh * gw:
+                raise ValueError(
+                    f"cache was allocated for {cache.tokens_per_frame} tokens per frame, "
+                    f"this chunk has {gh * gw}: allocate the cache for this resolution"
+                )
+            if cache.rope_mode == "window":
+                ctx_frames = cache.num_frames
+                cache_rope = RopeTable.for_frames(
+                    torch.arange(ctx_frames, device=device), gh, gw, cfg.head_dim, cfg.rope_theta
+                ) if ctx_frames else None
+                start_frame = ctx_frames  # re-indexed inside the window
+        positions = torch.arange(start_frame, start_frame + frames, device=device)
+        rope = RopeTable.for_frames(positions, gh, gw, cfg.head_dim, cfg.rope_theta)
+        if chunk_sizes is not None:
+            if sum(chunk_sizes) != frames:
+                raise ValueError(f"chunk_sizes {chunk_sizes} sum to {sum(chunk_sizes)}, not {frames} frames")
+            fmask = block_causal_frame_mask(chunk_sizes, sink_chunks, window_chunks)
+            mask = token_mask(fmask, gh * gw).to(device)
+        return _AttnPlan(rope, mask, cache, cache_rope, write_cache)
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, L, C*pt*ph*pw] -> [B, C, F*pt, H*ph, W*pw] (Wan's 'fhwpqrc->cfphqwr')."""
+        b = x.shape[0]
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        x = x.view(b, *grid, pt, ph, pw, c)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+

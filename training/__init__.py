@@ -1,0 +1,1 @@
+"""Distillation of bidirectional teachers into causal few-step students (CausVid)."""
