@@ -156,9 +156,7 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "tiny": ModelPreset(
         name="tiny",
-        dit=DiTConfig(
-            dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16
-        ),
+        dit=DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=16),
         vae=VAEConfig(z_dim=16, base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
         causal=CausalConfig(chunk_frames=3, sink_chunks=1, window_chunks=2),
     ),
@@ -173,9 +171,7 @@ def get_preset(name: str) -> ModelPreset:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
-def chunk_layout(
-    num_frames: int, chunk_frames: int, first_chunk_frames: int | None = None
-) -> list[int]:
+def chunk_layout(num_frames: int, chunk_frames: int, first_chunk_frames: int | None = None) -> list[int]:
     """Split ``num_frames`` latent frames into chunks: ``[first, k, k, ...]``, the last may be short."""
     if num_frames < 1:
         raise ValueError(f"need at least one latent frame, got {num_frames}")

@@ -116,29 +116,32 @@ class KVCache:
         self._pending[layer] = (k, v)
 
     def commit(self, start_frame: int, num_frames: int) -> None:
-        """Append the staged chunk to every layer, evicting the oldest window chunk if full."""
-        if len(self._pending) != len(self.keys):
-            raise RuntimeError(
-                f"commit needs keys from all {len(self.keys)} layers, got {len(self._pending)}"
-            )
-        if self.chunks and start_frame != self.next_frame:
+        """Append the staged chunk to every layer, evicting the oldest window chunk if full.
+
+        A commit that fails leaves the cache as it was (the staged keys are dropped).
+        """
+        pending, self._pending = self._pending, {}
+        if len(pending) != len(self.keys):
+            raise RuntimeError(f"commit needs keys from all {len(self.keys)} layers, got {len(pending)}")
+        if self.chunks and start_frame < self.next_frame:
             raise ValueError(
-                f"chunk starts at frame {start_frame} but the cache ends at {self.next_frame}"
+                f"chunk starts at frame {start_frame} but the cache already holds frames up to "
+                f"{self.next_frame - 1}: chunks are written in order"
             )
-        if len(self.chunks) >= self.sink_chunks + self.window_chunks:
+        evict = len(self.chunks) >= self.sink_chunks + self.window_chunks
+        kept = self.num_frames - (self.chunks[self.sink_chunks].num_frames if evict else 0)
+        capacity = self.keys[0].shape[1] // self.tokens_per_frame
+        if kept + num_frames > capacity:
+            raise ValueError(
+                f"a chunk of {num_frames} frames does not fit the cache ({capacity} frames, {kept} kept); "
+                "allocate it for the largest chunk size"
+            )
+        if evict:
             self._evict_oldest_window_chunk()
-        tokens = num_frames * self.tokens_per_frame
-        start = self.num_tokens
-        capacity = self.keys[0].shape[1]
-        if start + tokens > capacity:
-            raise ValueError(
-                f"a chunk of {num_frames} frames does not fit the cache ({capacity} tokens); "
-                "allocate it with the largest chunk size"
-            )
-        for layer, (k, v) in self._pending.items():
+        start, tokens = self.num_tokens, num_frames * self.tokens_per_frame
+        for layer, (k, v) in pending.items():
             self.keys[layer][:, start : start + tokens] = k
             self.values[layer][:, start : start + tokens] = v
-        self._pending.clear()
         self.chunks.append(_Chunk(start_frame, num_frames))
 
     def _evict_oldest_window_chunk(self) -> None:

@@ -78,8 +78,8 @@ class CrossKV:
     def lerp(self, other: CrossKV, weight: float) -> CrossKV:
         """Blend towards ``other`` (weight 0 -> self, 1 -> other)."""
         return CrossKV(
-            [torch.lerp(a, b, weight) for a, b in zip(self.keys, other.keys)],
-            [torch.lerp(a, b, weight) for a, b in zip(self.values, other.values)],
+            [torch.lerp(a, b, weight) for a, b in zip(self.keys, other.keys, strict=True)],
+            [torch.lerp(a, b, weight) for a, b in zip(self.values, other.values, strict=True)],
         )
 
 
@@ -157,9 +157,7 @@ class WanBlock(nn.Module):
         self.norm1 = WanLayerNorm(dim, cfg.eps)
         self.self_attn = SelfAttention(cfg)
         self.norm3 = (
-            WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
-            if cfg.cross_attn_norm
-            else nn.Identity()
+            WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         )
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
@@ -220,15 +218,11 @@ class CausalWanModel(nn.Module):
             )
         self.config = cfg
         dim = cfg.dim
-        self.patch_embedding = nn.Conv3d(
-            cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
-        )
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
         )
-        self.time_embedding = nn.Sequential(
-            nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
-        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
@@ -308,7 +302,9 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"prompt batch {cross.batch} does not match latent batch {b}")
         if start_frame is None:
             start_frame = cache.next_frame if cache is not None else 0
-        plan = self._plan(grid, x.device, start_frame, chunk_sizes, sink_chunks, window_chunks, cache, write_cache)
+        plan = self._plan(
+            grid, x.device, start_frame, chunk_sizes, sink_chunks, window_chunks, cache, write_cache
+        )
 
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F, H/2, W/2]
         h = h.flatten(2).transpose(1, 2).float()  # [B, L, dim]
@@ -338,8 +334,11 @@ class CausalWanModel(nn.Module):
         frames, gh, gw = grid
         mask = cache_rope = None
         if cache is not None:
-            if cache.chunks and start_frame != cache.next_frame:
-                raise ValueError(f"chunk starts at frame {start_frame}, the cache ends at {cache.next_frame}")
+            if cache.chunks and start_frame < cache.next_frame:
+                raise ValueError(
+                    f"chunk starts at frame {start_frame} but the cache already holds frames up to "
+                    f"{cache.next_frame - 1}: chunks are generated in order"
+                )
             if cache.tokens_per_frame != gh * gw:
                 raise ValueError(
                     f"cache was allocated for {cache.tokens_per_frame} tokens per frame, "
@@ -347,9 +346,13 @@ class CausalWanModel(nn.Module):
                 )
             if cache.rope_mode == "window":
                 ctx_frames = cache.num_frames
-                cache_rope = RopeTable.for_frames(
-                    torch.arange(ctx_frames, device=device), gh, gw, cfg.head_dim, cfg.rope_theta
-                ) if ctx_frames else None
+                cache_rope = (
+                    RopeTable.for_frames(
+                        torch.arange(ctx_frames, device=device), gh, gw, cfg.head_dim, cfg.rope_theta
+                    )
+                    if ctx_frames
+                    else None
+                )
                 start_frame = ctx_frames  # re-indexed inside the window
         positions = torch.arange(start_frame, start_frame + frames, device=device)
         rope = RopeTable.for_frames(positions, gh, gw, cfg.head_dim, cfg.rope_theta)
@@ -368,4 +371,3 @@ class CausalWanModel(nn.Module):
         x = x.view(b, *grid, pt, ph, pw, c)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
-
