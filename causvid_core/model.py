@@ -14,6 +14,7 @@ attention modes:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -239,7 +240,13 @@ class CausalWanModel(nn.Module):
                 "was it made by the text encoder this model was trained with?"
             )
         if context.shape[1] > cfg.text_len:
-            raise ValueError(f"text context has {context.shape[1]} tokens, at most {cfg.text_len}")
+            # Wan's tokenizer truncates at text_len; ComfyUI's does not, so long prompts arrive longer
+            warnings.warn(
+                f"text context has {context.shape[1]} tokens; the model was trained on at most "
+                f"{cfg.text_len}, so the rest is cut (shorten the prompt to keep all of it)",
+                stacklevel=2,
+            )
+            context = context[:, : cfg.text_len]
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         emb = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
@@ -253,11 +260,16 @@ class CausalWanModel(nn.Module):
     # -- time ------------------------------------------------------------------------------
     def embed_time(self, t: Tensor, batch: int, frames: int) -> tuple[Tensor, Tensor]:
         """Per-frame time embedding e [B, F, dim] and block modulation e0 [B, F, 6, dim] (float32)."""
-        t = t.reshape(batch, -1) if t.ndim > 0 else t.reshape(1, 1).expand(batch, 1)
-        if t.shape[1] == 1:
-            t = t.expand(batch, frames)
-        if t.shape != (batch, frames):
-            raise ValueError(f"timesteps must be [B] or [B, F] = [{batch}, {frames}], got {list(t.shape)}")
+        if t.numel() == 1:
+            t = t.reshape(1, 1).expand(batch, frames)
+        elif t.numel() == batch:
+            t = t.reshape(batch, 1).expand(batch, frames)
+        elif t.numel() == batch * frames:
+            t = t.reshape(batch, frames)
+        else:
+            raise ValueError(
+                f"timesteps must be a scalar, [B] or [B, F] = [{batch}, {frames}], got {list(t.shape)}"
+            )
         sin = sinusoidal_embedding(self.config.freq_dim, t.reshape(-1))
         lin = self.time_embedding[0]
         e = self.time_embedding(sin.to(lin.weight.dtype)).float()

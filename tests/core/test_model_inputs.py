@@ -1,0 +1,45 @@
+"""Bad inputs to the transformer fail with messages that name the expected shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causvid_core.config import PRESETS
+from causvid_core.model import CausalWanModel
+
+TINY = PRESETS["tiny"].dit
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalWanModel:
+    return CausalWanModel(TINY).eval()
+
+
+def test_timestep_shapes(model) -> None:
+    x = torch.randn(2, TINY.in_dim, 3, 4, 4)
+    ctx = torch.randn(2, 4, TINY.text_dim)
+    with torch.no_grad():
+        scalar = model(x, torch.tensor(500.0), ctx)
+        per_sample = model(x, torch.tensor([500.0, 500.0]), ctx)
+        per_frame = model(x, torch.full((2, 3), 500.0), ctx)
+    assert torch.equal(scalar, per_sample) and torch.equal(per_sample, per_frame)
+    with pytest.raises(ValueError, match=r"scalar, \[B\] or \[B, F\] = \[2, 3\], got \[4\]"):
+        model(x, torch.zeros(4), ctx)
+
+
+def test_latent_and_text_errors(model) -> None:
+    with pytest.raises(ValueError, match=r"latents must be \[B, 16, F, H, W\]"):
+        model(torch.randn(1, 4, 3, 4, 4), torch.zeros(1), torch.randn(1, 4, TINY.text_dim))
+    with pytest.raises(ValueError, match=r"text context must be \[B, L, 32\]"):
+        model(torch.randn(1, 16, 3, 4, 4), torch.zeros(1), torch.randn(1, 4, 4096))
+    with pytest.raises(ValueError, match="not divisible by the patch|not divisible by patch"):
+        model(torch.randn(1, 16, 3, 5, 4), torch.zeros(1), torch.randn(1, 4, TINY.text_dim))
+
+
+def test_long_text_is_cut_to_the_trained_length_with_a_warning(model) -> None:
+    ctx = torch.randn(1, TINY.text_len + 5, TINY.text_dim)
+    with pytest.warns(UserWarning, match="shorten the prompt"):
+        long = model.encode_context(ctx)
+    cut = model.encode_context(ctx[:, : TINY.text_len])
+    assert torch.equal(long.keys[0], cut.keys[0])
