@@ -7,9 +7,23 @@ Angles are computed in float64 from integer positions, so any frame index works 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Attention backends a user can pick; "auto" lets PyTorch choose the fastest kernel it has.
+ATTENTION_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+_GPU_ONLY = {"flash", "cudnn"}
 
 
 def rope_inv_freqs(head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,6 +104,25 @@ def block_causal_frame_mask(
 def token_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
     """Expand a frame-level mask to tokens [F*S, F*S]."""
     return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def check_backend(name: str, device: torch.device | str) -> None:
+    """Fail early, with the fix, when a backend cannot run on ``device``."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if name in _GPU_ONLY and torch.device(device).type != "cuda":
+        raise ValueError(f"attention backend {name!r} needs a CUDA GPU; use 'auto' or 'math' on {device}")
+
+
+@contextlib.contextmanager
+def backend_context(name: str) -> Iterator[None]:
+    """Restrict scaled_dot_product_attention to one backend inside the block ('auto': no restriction)."""
+    backend = ATTENTION_BACKENDS[name]
+    if backend is None:
+        yield
+        return
+    with sdpa_kernel(backend):
+        yield
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import RopeTable, attention, block_causal_frame_mask, token_mask
+from .attention import (
+    RopeTable,
+    attention,
+    backend_context,
+    block_causal_frame_mask,
+    check_backend,
+    token_mask,
+)
 from .config import DiTConfig
 from .kv_cache import KVCache
 
@@ -228,6 +235,12 @@ class CausalWanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.gradient_checkpointing = False
+        self.attn_backend = "auto"
+
+    def set_attention_backend(self, name: str) -> None:
+        """Pick the attention kernel ('auto', 'math', 'flash', 'efficient', 'cudnn'); checked against the device."""
+        check_backend(name, self.patch_embedding.weight.device)
+        self.attn_backend = name
 
     # -- text ------------------------------------------------------------------------------
     def encode_context(self, context: Tensor) -> CrossKV:
@@ -321,11 +334,12 @@ class CausalWanModel(nn.Module):
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F, H/2, W/2]
         h = h.flatten(2).transpose(1, 2).float()  # [B, L, dim]
         e, e0 = self.embed_time(t.to(x.device), b, grid[0])
-        for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, e0, cross.keys[i], cross.values[i], i, plan, use_reentrant=False)
-            else:
-                h = block(h, e0, cross.keys[i], cross.values[i], i, plan)
+        with backend_context(self.attn_backend):
+            for i, block in enumerate(self.blocks):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    h = checkpoint(block, h, e0, cross.keys[i], cross.values[i], i, plan, use_reentrant=False)
+                else:
+                    h = block(h, e0, cross.keys[i], cross.values[i], i, plan)
         if write_cache:
             cache.commit(start_frame, grid[0])
         out = self.head(h, e)  # [B, L, out_dim * prod(patch)]

@@ -43,3 +43,21 @@ def test_long_text_is_cut_to_the_trained_length_with_a_warning(model) -> None:
         long = model.encode_context(ctx)
     cut = model.encode_context(ctx[:, : TINY.text_len])
     assert torch.equal(long.keys[0], cut.keys[0])
+
+
+def test_attention_backends(model) -> None:
+    x = torch.randn(1, TINY.in_dim, 6, 4, 4)
+    ctx = torch.randn(1, 4, TINY.text_dim)
+    t = torch.rand(1, 6) * 1000
+    with torch.no_grad():
+        auto = model(x, t, ctx, chunk_sizes=[3, 3])
+        model.set_attention_backend("math")
+        try:
+            math_out = model(x, t, ctx, chunk_sizes=[3, 3])
+        finally:
+            model.set_attention_backend("auto")
+    assert (auto - math_out).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="needs a CUDA GPU; use 'auto' or 'math'"):
+        model.set_attention_backend("flash")
+    with pytest.raises(ValueError, match="choose one of auto, math"):
+        model.set_attention_backend("fastest")
