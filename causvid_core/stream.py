@@ -19,7 +19,7 @@ from torch import Tensor
 from .config import CausalConfig, SamplingConfig, chunk_layout
 from .kv_cache import KVCache
 from .model import CausalWanModel, CrossKV
-from .sampling import FlowSchedule, denoising_timesteps, sample_chunk
+from .sampling import FlowSchedule, add_noise, denoising_timesteps, sample_chunk
 
 ChunkCallback = Callable[[int, int, Tensor], None]  # (chunk index, step index, x0 prediction)
 
@@ -191,8 +191,24 @@ class StreamingGenerator:
             return first
         return self.causal.chunk_frames
 
-    def next_chunk(self, num_frames: int | None = None) -> Tensor:
-        """Generate the next chunk of clean latents [B, C, f, H, W] (float32, on the model's device)."""
+    def steps_for_strength(self, strength: float) -> list[float]:
+        """The few-step list from the first step at or below ``strength * 1000`` (video-to-video)."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        steps = [t for t in self.timesteps if t <= strength * self.sampling.num_train_timesteps + 1e-6]
+        return steps or self.timesteps[-1:]
+
+    def next_chunk(
+        self, num_frames: int | None = None, *, init: Tensor | None = None, strength: float = 1.0
+    ) -> Tensor:
+        """Generate the next chunk of clean latents [B, C, f, H, W] (float32, on the model's device).
+
+        With ``init`` (clean source latents of this chunk, video-to-video) the chunk starts from
+        ``init`` noised to the first step at or below ``strength``; strength 1 ignores the source.
+        """
+        if init is not None:
+            self._check_latents(init)
+            num_frames = init.shape[2]
         f = num_frames or self.default_chunk_frames()
         cond = self._conditioning_for_chunk()
         if self.recache_on_switch and self._last_used is not None and cond is not self._last_used:
@@ -201,11 +217,17 @@ class StreamingGenerator:
         cfg = self.model.config
         h, w = self.latent_size
         noise = torch.randn((self.batch, cfg.in_dim, f, h, w), generator=gen).to(self.device)
+        steps = self.timesteps
+        if init is not None:
+            steps = self.steps_for_strength(strength)
+            noise = add_noise(
+                init.to(self.device, torch.float32), noise, self.schedule.sigma(steps[0]).float()
+            )
         index = self.chunk_index
         callback = None if self.callback is None else (lambda s, t, x0: self.callback(index, s, x0))
         with torch.no_grad():
             x0 = sample_chunk(
-                self.model, noise, cond.cross, self.cache, self.timesteps, self.schedule,
+                self.model, noise, cond.cross, self.cache, steps, self.schedule,
                 start_frame=self.next_frame, generator=gen, callback=callback, write_cache=True,
             )  # fmt: skip
         self._remember(self.next_frame, x0)

@@ -141,3 +141,20 @@ def test_bad_context_names_the_expected_shape(model, prompts) -> None:
         gen.prefill(torch.randn(1, 4, 1, 4, 4))
     with pytest.raises(ValueError, match="text context must be"):
         gen.set_prompt(torch.randn(1, 6, 7))
+
+
+def test_video_to_video_strength(model, prompts) -> None:
+    """Low strength stays near the source; strength 1 ignores it; the step list is cut at the strength."""
+    src = torch.randn(1, TINY.dit.in_dim, 3, 4, 4)
+    gen = _gen(model, prompts[0])
+    assert gen.steps_for_strength(1.0) == [1000.0, 757.0, 522.0]
+    assert gen.steps_for_strength(0.6) == [522.0]
+    assert gen.steps_for_strength(0.3) == [522.0]  # below the list: its last step
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        gen.steps_for_strength(0.0)
+    full = _gen(model, prompts[0]).next_chunk(3)
+    restyled_full = _gen(model, prompts[0]).next_chunk(init=src, strength=1.0)
+    restyled_half = _gen(model, prompts[0]).next_chunk(init=src, strength=0.6)
+    assert torch.allclose(full, restyled_full, atol=1e-5)  # the source is fully noised away
+    other_src = _gen(model, prompts[0]).next_chunk(init=src + 1.0, strength=0.6)
+    assert (other_src - restyled_half).abs().mean() > 1e-2  # a partly noised source carries through
