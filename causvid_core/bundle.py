@@ -1,0 +1,152 @@
+"""A loaded model with everything needed to stream from it: sampling and chunk settings, fps, and
+(for the embedded models) its text encoder. Loader nodes and the command line share this.
+
+Settings come, in order of precedence, from the caller, from the file (our safetensors carry them
+as metadata), or from the defaults of the released CausVid weights (chunks of 3, [1000, 757, 522]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CausalConfig, SamplingConfig, to_dict
+from .model import CausalWanModel
+
+SAMPLING_META = "causvid_sampling"
+CAUSAL_META = "causvid_causal"
+FPS_META = "causvid_fps"
+
+EMBEDDED_ROOT = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass
+class ModelBundle:
+    """What a loader hands to samplers: the model and how to stream from it."""
+
+    model: CausalWanModel
+    sampling: SamplingConfig
+    causal: CausalConfig
+    fps: int = 16
+    name: str = ""
+    text_encoder: Any = None  # a causvid_core.text.TextEncoder for embedded models, else None
+    report: Any = None  # checkpoint.LoadReport
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def embedded_names() -> list[str]:
+    """Names usable as ``embedded:NAME`` (the folders shipped in causvid_core/embedded)."""
+    if not EMBEDDED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_ROOT.iterdir() if (p / "dit.safetensors").is_file())
+
+
+def embedded_file(name: str, part: str) -> Path:
+    """Path of one part ('dit', 'vae', 'text') of an embedded model, with a clear error if absent."""
+    path = EMBEDDED_ROOT / name / f"{part}.safetensors"
+    if not path.is_file():
+        known = ", ".join(f"embedded:{n}" for n in embedded_names()) or "none are installed"
+        raise FileNotFoundError(
+            f"embedded model '{EMBEDDED_PREFIX}{name}' has no {part} weights at {path} (known: {known}); "
+            "reinstall the package or train it with the recipe in docs/training.md"
+        )
+    return path
+
+
+def _file_settings(path: Path) -> dict[str, str]:
+    """Metadata of a safetensors file (headers only); {} for other formats."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _settings_from(metadata: dict[str, str]) -> tuple[SamplingConfig, CausalConfig, int]:
+    sampling, causal, fps = SamplingConfig(), CausalConfig(), 16
+    if SAMPLING_META in metadata:
+        sampling = _replace_from_json(sampling, metadata[SAMPLING_META])
+    if CAUSAL_META in metadata:
+        causal = _replace_from_json(causal, metadata[CAUSAL_META])
+    if FPS_META in metadata:
+        fps = int(json.loads(metadata[FPS_META]))
+    return sampling, causal, fps
+
+
+def _replace_from_json(cfg: Any, text: str) -> Any:
+    data = json.loads(text)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+    return dataclasses.replace(cfg, **values)
+
+
+def settings_metadata(sampling: SamplingConfig, causal: CausalConfig, fps: int) -> dict[str, str]:
+    """Metadata entries that make a saved model carry its streaming defaults."""
+    return {
+        SAMPLING_META: json.dumps(to_dict(sampling)),
+        CAUSAL_META: json.dumps(to_dict(causal)),
+        FPS_META: json.dumps(fps),
+    }
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """'1000, 757, 522' -> (1000, 757, 522), with an error that shows the expected form."""
+    try:
+        steps = tuple(int(s) for s in text.replace(";", ",").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(
+            f"denoising steps {text!r} must be comma-separated integers like '1000, 757, 522'"
+        ) from None
+    if not steps:
+        raise ValueError("denoising steps are empty: write them like '1000, 757, 522'")
+    return steps
+
+
+def load_bundle(
+    source: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    attention: str = "auto",
+    chunk_frames: int | None = None,
+    denoising_steps: tuple[int, ...] | str | None = None,
+    lora: list[tuple[str | Path, float]] | None = None,
+) -> ModelBundle:
+    """Load a model (a file, folder, ``hf://`` reference or ``embedded:NAME``) with its streaming settings."""
+    from .checkpoint import load_model
+
+    text_encoder = None
+    name = str(source)
+    if name.startswith(EMBEDDED_PREFIX):
+        embedded = name[len(EMBEDDED_PREFIX) :]
+        path = embedded_file(embedded, "dit")
+        text_encoder = _embedded_text_encoder(embedded)
+    else:
+        path = Path(source) if not name.startswith("hf://") else source
+    model, report = load_model(path, dtype=dtype, device=device, lora=lora)
+    model.set_attention_backend(attention)
+    sampling, causal, fps = _settings_from(_file_settings(Path(path)) if isinstance(path, Path) else {})
+    if chunk_frames:
+        causal = dataclasses.replace(causal, chunk_frames=chunk_frames)
+    if denoising_steps:
+        steps = parse_steps(denoising_steps) if isinstance(denoising_steps, str) else tuple(denoising_steps)
+        sampling = dataclasses.replace(sampling, denoising_steps=steps)
+    return ModelBundle(model, sampling, causal, fps, name, text_encoder, report)
+
+
+def _embedded_text_encoder(name: str) -> Any:
+    from safetensors.torch import load_file
+
+    from .text import ShapesTextEncoder
+
+    return ShapesTextEncoder.from_state_dict(load_file(str(embedded_file(name, "text"))))

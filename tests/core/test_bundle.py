@@ -1,0 +1,47 @@
+"""Loading a model with its streaming settings: from the file, overridden by the user, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causvid_core.bundle import load_bundle, parse_steps, settings_metadata
+from causvid_core.checkpoint import save_model
+from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
+from causvid_core.model import CausalWanModel
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = CausalWanModel(PRESETS["tiny"].dit)
+    meta = settings_metadata(SamplingConfig(denoising_steps=(1000, 500)), CausalConfig(chunk_frames=1), 24)
+    return model, save_model(model, tmp_path / "m.safetensors", extra_metadata=meta)
+
+
+def test_settings_travel_with_the_file(saved) -> None:
+    model, path = saved
+    bundle = load_bundle(path, attention="math")
+    assert bundle.sampling.denoising_steps == (1000, 500)
+    assert bundle.causal.chunk_frames == 1 and bundle.fps == 24
+    assert bundle.model.attn_backend == "math"
+    for key, value in model.state_dict().items():
+        assert torch.equal(bundle.model.state_dict()[key], value)
+
+
+def test_user_settings_override_the_file(saved) -> None:
+    _, path = saved
+    bundle = load_bundle(path, chunk_frames=3, denoising_steps="1000, 757, 522")
+    assert bundle.causal.chunk_frames == 3 and bundle.sampling.denoising_steps == (1000, 757, 522)
+
+
+def test_plain_files_get_the_released_defaults(tmp_path) -> None:
+    path = save_model(CausalWanModel(PRESETS["tiny"].dit), tmp_path / "plain.safetensors")
+    bundle = load_bundle(path)
+    assert bundle.sampling.denoising_steps == (1000, 757, 522) and bundle.causal.chunk_frames == 3
+
+
+def test_errors_say_what_to_do() -> None:
+    with pytest.raises(ValueError, match="comma-separated integers like '1000, 757, 522'"):
+        parse_steps("1000, fast")
+    with pytest.raises(FileNotFoundError, match=r"embedded model 'embedded:nope' has no dit weights"):
+        load_bundle("embedded:nope")

@@ -1,0 +1,93 @@
+"""The evaluator CLI: ground truth scores near 100, mp4 folders are read and scored, drift is plotted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.eval import evaluate, main
+from training.shapes import render_video
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURES = ("text_alignment", "temporal_quality", "frame_quality")
+
+
+def write_mp4(path: Path, video: np.ndarray, fps: int = 16) -> None:
+    """Near-lossless H.264 (yuv444p, crf 0) so the colours survive."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv444p"
+        stream.options = {"crf": "0"}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_ground_truth_cli_writes_json_with_figures_near_100(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gt.json"
+    main(["--ground-truth", "6", "--seconds", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["videos"]) == 6
+    for key in FIGURES:
+        assert result["summary"][key] >= 95, (key, result["summary"])
+    assert "MEAN" in capsys.readouterr().out
+
+
+def test_module_runs_as_a_script(tmp_path: Path) -> None:
+    out = tmp_path / "gt.json"
+    cmd = [sys.executable, "-m", "training.eval", "--ground-truth", "2", "--seconds", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["summary"]["temporal_quality"] >= 95
+
+
+def test_videos_folder_with_csv_prompts_is_scored_and_drift_plotted(tmp_path: Path) -> None:
+    prompts = {
+        "a.mp4": "a red circle moving right",
+        "b.mp4": "a blue triangle moving up on a white background",
+    }
+    for i, (name, prompt) in enumerate(prompts.items()):
+        write_mp4(tmp_path / name, render_video(prompt, i, 160))
+    (tmp_path / "prompts.csv").write_text("file,prompt\n" + "".join(f"{k},{v}\n" for k, v in prompts.items()))
+    png = tmp_path / "drift.png"
+    result = main(["--videos", str(tmp_path), "--drift", str(png), "--json", str(tmp_path / "r.json")])
+    assert [v["name"] for v in result["videos"]] == ["a.mp4", "b.mp4"]
+    for key in FIGURES:
+        assert result["summary"][key] >= 90, (key, result["summary"])
+    assert len(result["drift"]) == 2 and result["drift"][1]["start_s"] == 5.0
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_videos_folder_errors_name_the_missing_piece(tmp_path: Path) -> None:
+    write_mp4(tmp_path / "a.mp4", render_video("a red circle moving right", 0, 4))
+    with pytest.raises(FileNotFoundError, match="no prompts.json or prompts.csv"):
+        main(["--videos", str(tmp_path)])
+    (tmp_path / "prompts.json").write_text(json.dumps({"b.mp4": "a red circle moving right"}))
+    with pytest.raises(FileNotFoundError, match="b.mp4"):
+        main(["--videos", str(tmp_path)])
+    (tmp_path / "prompts.json").write_text(json.dumps({}))
+    with pytest.raises(ValueError, match="without a prompt.*a.mp4"):
+        main(["--videos", str(tmp_path)])
+
+
+def test_evaluate_calls_the_generator_per_prompt_and_seed() -> None:
+    calls = []
+
+    def blank(prompt: str, seed: int, num_frames: int) -> np.ndarray:
+        calls.append((prompt, seed, num_frames))
+        return np.zeros((num_frames, 64, 64, 3), dtype=np.uint8)
+
+    prompts = ["a red circle moving right", "a cyan square moving down"]
+    result = evaluate(blank, prompts, [3, 4], seconds=1.5)
+    assert calls == [(prompts[0], 3, 24), (prompts[1], 4, 24)]
+    assert result["summary"]["temporal_quality"] == 0 and result["summary"]["text_alignment"] == 0
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        evaluate(blank, prompts, [3], seconds=1)

@@ -1,0 +1,237 @@
+"""Score Shapes videos: ``python -m training.eval`` (figures of SHAPES.md, see ``training/metrics.py``).
+
+Sources of videos:
+- ``--videos DIR``: mp4 files plus ``prompts.json`` (``{"file.mp4": "a red circle moving right"}``)
+  or ``prompts.csv`` (``file,prompt`` rows, header optional);
+- ``--ground-truth N``: N rendered videos of ``prompt_set(N)`` (a sanity check: all figures near 100).
+Prints a table, writes ``--json PATH`` and, with ``--drift PNG``, the per-window curves (Figure 8 in
+miniature). ``evaluate(generate_fn, prompts, seeds, seconds)`` is the entry point for models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import score_video, score_with_drift
+from .shapes import FPS, prompt_set, render_video
+
+GenerateFn = Callable[[str, int, int], np.ndarray]  # (prompt, seed, num_frames) -> uint8 [F, H, W, 3]
+FIGURES = ("text_alignment", "temporal_quality", "frame_quality")
+PARTS = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "purity", "single_object", "presence")
+CURVE_COLOURS = {
+    "text_alignment": (40, 80, 230),
+    "temporal_quality": (230, 40, 40),
+    "frame_quality": (40, 160, 60),
+}
+
+
+def _mean_dicts(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of the numeric entries shared by all rows."""
+    keys = [k for k in rows[0] if all(k in r for r in rows) and isinstance(rows[0][k], float)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def _mean_drift(per_video: Sequence[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Mean over videos of each window index (videos shorter than a window are left out of it)."""
+    longest = max(len(w) for w in per_video)
+    return [_mean_dicts([w[k] for w in per_video if len(w) > k]) for k in range(longest)]
+
+
+def score_items(
+    items: Iterable[tuple[str, str, np.ndarray, float]],
+    drift: bool = False,
+    window_s: float = 5.0,
+    background: str | None = None,
+) -> dict[str, Any]:
+    """Score (name, prompt, video uint8 [F, H, W, 3], fps) items: per-video figures, summary, drift."""
+    videos, drifts = [], []
+    for name, prompt, video, fps in items:
+        if drift:
+            figures, windows = score_with_drift(video, prompt, int(round(fps)), window_s, background)
+            drifts.append(windows)
+        else:
+            figures = score_video(video, prompt, background)
+        videos.append({"name": name, "prompt": prompt, **figures})
+    if not videos:
+        raise ValueError("no videos to score")
+    result: dict[str, Any] = {"summary": _mean_dicts(videos), "videos": videos}
+    if drift:
+        result["drift"] = _mean_drift(drifts)
+    return result
+
+
+def evaluate(
+    generate_fn: GenerateFn,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    seconds: float,
+    fps: int = FPS,
+    drift: bool = False,
+    window_s: float = 5.0,
+    background: str | None = None,
+) -> dict[str, Any]:
+    """Generate one video per (prompt, seed) with ``generate_fn`` and score them all."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+    num_frames = int(round(seconds * fps))
+    items = (
+        (f"{i:03d}_seed{s}", p, generate_fn(p, s, num_frames), float(fps))
+        for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
+    )
+    return score_items(items, drift=drift, window_s=window_s, background=background)
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode a video file with PyAV: (uint8 [F, H, W, 3], fps)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate) if stream.average_rate else float(FPS)
+    if not frames:
+        raise ValueError(f"{path} has no video frames")
+    return np.stack(frames), fps
+
+
+def load_prompt_map(folder: Path) -> dict[str, str]:
+    """file -> prompt from ``prompts.json`` or ``prompts.csv`` in ``folder``."""
+    js, cs = folder / "prompts.json", folder / "prompts.csv"
+    if js.exists():
+        data = json.loads(js.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{js} must be a JSON object mapping file name to prompt")
+        return {str(k): str(v) for k, v in data.items()}
+    if cs.exists():
+        with cs.open(newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+        if rows and [c.strip().lower() for c in rows[0]] == ["file", "prompt"]:
+            rows = rows[1:]
+        bad = [r for r in rows if len(r) != 2]
+        if bad:
+            raise ValueError(f"{cs}: every row must be 'file,prompt', got {bad[0]}")
+        return {r[0].strip(): r[1].strip() for r in rows}
+    raise FileNotFoundError(
+        f"no prompts.json or prompts.csv in {folder}; add one mapping each mp4 to its prompt"
+    )
+
+
+def _folder_items(folder: Path) -> Iterable[tuple[str, str, np.ndarray, float]]:
+    mapping = load_prompt_map(folder)
+    missing = [name for name in mapping if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"videos listed in the prompt map but absent from {folder}: {missing}")
+    unlisted = sorted(p.name for p in folder.glob("*.mp4") if p.name not in mapping)
+    if unlisted:
+        raise ValueError(f"mp4 files without a prompt in the prompt map of {folder}: {unlisted}")
+    for name in sorted(mapping):
+        video, fps = read_video(folder / name)
+        yield name, mapping[name], video, fps
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A fixed-width table: one row per video and the mean."""
+    cols = FIGURES + PARTS[:3]
+    heads = ["text", "temporal", "frame", "colour", "shape", "direction"]
+    lines = [f"{'video':<16} {'prompt':<50} " + " ".join(f"{h:>9}" for h in heads)]
+    for row in result["videos"]:
+        vals = " ".join(f"{row.get(c, float('nan')):9.1f}" for c in cols)
+        lines.append(f"{row['name'][:16]:<16} {row['prompt'][:50]:<50} {vals}")
+    mean = result["summary"]
+    lines.append(f"{'MEAN':<16} {'':<50} " + " ".join(f"{mean.get(c, float('nan')):9.1f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot_drift(windows: Sequence[dict[str, float]], path: str | Path, title: str = "Shapes drift") -> None:
+    """Draw the three figures per window against time (seconds) into a PNG with Pillow."""
+    from PIL import Image, ImageDraw
+
+    w, h, left, right, top, bottom = 640, 400, 60, 20, 40, 50
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    t_end = max(win["end_s"] for win in windows)
+    mids = [(win["start_s"] + win["end_s"]) / 2 for win in windows]
+
+    def xy(t: float, v: float) -> tuple[float, float]:
+        return left + (w - left - right) * t / t_end, top + (h - top - bottom) * (1 - v / 100)
+
+    for v in range(0, 101, 25):
+        y = xy(0, v)[1]
+        draw.line([(left, y), (w - right, y)], fill=(225, 225, 225))
+        draw.text((left - 30, y - 6), f"{v}", fill=(0, 0, 0))
+    for t in np.linspace(0, t_end, 7):
+        x = xy(float(t), 0)[0]
+        draw.text((x - 10, h - bottom + 6), f"{t:.0f}s", fill=(0, 0, 0))
+    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for i, (key, colour) in enumerate(CURVE_COLOURS.items()):
+        pts = [xy(t, win.get(key, 0.0)) for t, win in zip(mids, windows, strict=True)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((left + 10 + 170 * i, 12), key.replace("_", " "), fill=colour)
+    draw.text((w // 2 - 60, h - 18), title, fill=(0, 0, 0))
+    img.save(str(path))
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--videos", type=Path, help="folder of mp4 files with prompts.json or prompts.csv")
+    src.add_argument("--ground-truth", type=int, metavar="N", help="score N rendered ground-truth videos")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of ground-truth videos (default 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompt set and first video seed")
+    ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    ap.add_argument(
+        "--drift", type=Path, metavar="PNG", help="also compute per-window figures; plot them here"
+    )
+    ap.add_argument("--window", type=float, default=5.0, help="drift window in seconds (default 5)")
+    ap.add_argument(
+        "--estimate-background", action="store_true", help="segment against the dominant border colour"
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI entry: score, print the table, write JSON / PNG; returns the result dict."""
+    args = _parse_args(argv)
+    drift = args.drift is not None
+    background = "estimate" if args.estimate_background else None
+    if args.videos is not None:
+        result = score_items(
+            _folder_items(args.videos), drift=drift, window_s=args.window, background=background
+        )
+    else:
+        n = args.ground_truth
+        if n < 1:
+            raise SystemExit(f"--ground-truth needs at least 1 video, got {n}")
+        prompts = prompt_set(max(n, 6), args.seed)[:n]
+        seeds = [args.seed + i for i in range(n)]
+        result = evaluate(
+            render_video,
+            prompts,
+            seeds,
+            args.seconds,
+            drift=drift,
+            window_s=args.window,
+            background=background,
+        )
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if drift:
+        plot_drift(result["drift"], args.drift)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
