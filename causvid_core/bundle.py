@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import CausalConfig, SamplingConfig, to_dict
+from .config import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, CausalConfig, SamplingConfig, to_dict
 from .model import CausalWanModel
 
 SAMPLING_META = "causvid_sampling"
 CAUSAL_META = "causvid_causal"
 FPS_META = "causvid_fps"
+LATENTS_META = "causvid_latents"  # {"mean": [...], "std": [...]} of the VAE the model was trained with
 
 EMBEDDED_ROOT = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_ENV = "CAUSVID_EMBEDDED_PATH"  # extra folders (os.pathsep-separated) searched for embedded models
+
+
+def embedded_roots() -> list[Path]:
+    """Folders holding embedded models: the package's own, then those named in $CAUSVID_EMBEDDED_PATH."""
+    extra = [Path(p) for p in os.environ.get(EMBEDDED_ENV, "").split(os.pathsep) if p]
+    return [EMBEDDED_ROOT, *extra]
 
 
 @dataclass
@@ -37,22 +46,46 @@ class ModelBundle:
     name: str = ""
     text_encoder: Any = None  # a causvid_core.text.TextEncoder for embedded models, else None
     report: Any = None  # checkpoint.LoadReport
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if like.shape[1] != len(self.latents_mean):
+            raise ValueError(
+                f"latent has {like.shape[1]} channels but the model works on {len(self.latents_mean)}: "
+                "was it made by this model's VAE?"
+            )
+        shape = (1, -1) + (1,) * (like.ndim - 2)
+        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(self.latents_std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, std
+
+    def to_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> raw VAE latents (ComfyUI's LATENT): raw = z * std + mean."""
+        mean, std = self._stats(z)
+        return z.float() * std + mean
+
+    def to_model(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (ComfyUI's LATENT) -> model space: z = (raw - mean) / std."""
+        mean, std = self._stats(raw)
+        return (raw.float() - mean) / std
+
 
 def embedded_names() -> list[str]:
-    """Names usable as ``embedded:NAME`` (the folders shipped in causvid_core/embedded)."""
-    if not EMBEDDED_ROOT.is_dir():
-        return []
-    return sorted(p.name for p in EMBEDDED_ROOT.iterdir() if (p / "dit.safetensors").is_file())
+    """Names usable as ``embedded:NAME`` (folders with a dit.safetensors in the embedded roots)."""
+    names = {p.name for root in embedded_roots() if root.is_dir() for p in root.iterdir()
+             if (p / "dit.safetensors").is_file()}  # fmt: skip
+    return sorted(names)
 
 
 def embedded_file(name: str, part: str) -> Path:
     """Path of one part ('dit', 'vae', 'text') of an embedded model, with a clear error if absent."""
-    path = EMBEDDED_ROOT / name / f"{part}.safetensors"
+    candidates = [root / name / f"{part}.safetensors" for root in embedded_roots()]
+    path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         known = ", ".join(f"embedded:{n}" for n in embedded_names()) or "none are installed"
         raise FileNotFoundError(
@@ -70,6 +103,13 @@ def _file_settings(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def _latent_stats(metadata: dict[str, str]) -> dict[str, tuple[float, ...]]:
+    if LATENTS_META not in metadata:
+        return {}
+    data = json.loads(metadata[LATENTS_META])
+    return {"latents_mean": tuple(data["mean"]), "latents_std": tuple(data["std"])}
 
 
 def _settings_from(metadata: dict[str, str]) -> tuple[SamplingConfig, CausalConfig, int]:
@@ -90,13 +130,22 @@ def _replace_from_json(cfg: Any, text: str) -> Any:
     return dataclasses.replace(cfg, **values)
 
 
-def settings_metadata(sampling: SamplingConfig, causal: CausalConfig, fps: int) -> dict[str, str]:
-    """Metadata entries that make a saved model carry its streaming defaults."""
-    return {
+def settings_metadata(
+    sampling: SamplingConfig,
+    causal: CausalConfig,
+    fps: int,
+    latents_mean: tuple[float, ...] | None = None,
+    latents_std: tuple[float, ...] | None = None,
+) -> dict[str, str]:
+    """Metadata entries that make a saved model carry its streaming defaults (and its VAE's latent stats)."""
+    meta = {
         SAMPLING_META: json.dumps(to_dict(sampling)),
         CAUSAL_META: json.dumps(to_dict(causal)),
         FPS_META: json.dumps(fps),
     }
+    if latents_mean is not None and latents_std is not None:
+        meta[LATENTS_META] = json.dumps({"mean": list(latents_mean), "std": list(latents_std)})
+    return meta
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -135,13 +184,14 @@ def load_bundle(
         path = Path(source) if not name.startswith("hf://") else source
     model, report = load_model(path, dtype=dtype, device=device, lora=lora)
     model.set_attention_backend(attention)
-    sampling, causal, fps = _settings_from(_file_settings(Path(path)) if isinstance(path, Path) else {})
+    metadata = _file_settings(Path(path)) if isinstance(path, Path) else {}
+    sampling, causal, fps = _settings_from(metadata)
     if chunk_frames:
         causal = dataclasses.replace(causal, chunk_frames=chunk_frames)
     if denoising_steps:
         steps = parse_steps(denoising_steps) if isinstance(denoising_steps, str) else tuple(denoising_steps)
         sampling = dataclasses.replace(sampling, denoising_steps=steps)
-    return ModelBundle(model, sampling, causal, fps, name, text_encoder, report)
+    return ModelBundle(model, sampling, causal, fps, name, text_encoder, report, **_latent_stats(metadata))
 
 
 def _embedded_text_encoder(name: str) -> Any:

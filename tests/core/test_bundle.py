@@ -14,7 +14,10 @@ from causvid_core.model import CausalWanModel
 @pytest.fixture()
 def saved(tmp_path):
     model = CausalWanModel(PRESETS["tiny"].dit)
-    meta = settings_metadata(SamplingConfig(denoising_steps=(1000, 500)), CausalConfig(chunk_frames=1), 24)
+    stats = tuple(float(i) for i in range(16)), tuple(1.0 + i for i in range(16))
+    meta = settings_metadata(
+        SamplingConfig(denoising_steps=(1000, 500)), CausalConfig(chunk_frames=1), 24, *stats
+    )
     return model, save_model(model, tmp_path / "m.safetensors", extra_metadata=meta)
 
 
@@ -24,6 +27,14 @@ def test_settings_travel_with_the_file(saved) -> None:
     assert bundle.sampling.denoising_steps == (1000, 500)
     assert bundle.causal.chunk_frames == 1 and bundle.fps == 24
     assert bundle.model.attn_backend == "math"
+    assert bundle.latents_mean[3] == 3.0 and bundle.latents_std[3] == 4.0
+    z = torch.randn(1, 16, 2, 4, 4)
+    raw = bundle.to_raw(z)
+    assert torch.allclose(raw[0, 3], z[0, 3] * 4.0 + 3.0) and torch.allclose(
+        bundle.to_model(raw), z, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="latent has 4 channels but the model works on 16"):
+        bundle.to_model(torch.randn(1, 4, 1, 2, 2))
     for key, value in model.state_dict().items():
         assert torch.equal(bundle.model.state_dict()[key], value)
 
