@@ -12,6 +12,7 @@ Pickles are read only with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import os
 import math
 import pickle
 from collections import Counter
@@ -591,5 +592,7 @@ def save_model(model: CausalWanModel, path: str | Path, extra_metadata: dict[str
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # an interrupted save never leaves a truncated file under the real name
     return path

@@ -1,0 +1,200 @@
+"""Every stage of ``python -m training.distill`` end to end on tiny Shapes runs, and its input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from causvid_core.checkpoint import load_model
+from causvid_core.config import PRESETS
+from training.config import ConfigError, make_config, parse_cli
+from training.data import sample_indices
+from training.distill import TrainingError, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(root: Path, stage: str, *args: str) -> dict:
+    return main([stage, "--preset", "tiny", "--runs-dir", str(root), *args])
+
+
+def fell(values: list[float]) -> bool:
+    return float(np.mean(values[-3:])) < 0.8 * float(np.mean(values[:3]))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """teacher -> ode-pairs -> ode-init on the tiny preset (a few seconds)."""
+    root = tmp_path_factory.mktemp("runs")
+    teacher = run(root, "teacher", "--steps", "30", "--sample-every", "30")
+    pairs = run(root, "ode-pairs")
+    ode = run(root, "ode-init", "--steps", "30")
+    return {"root": root, "teacher": teacher, "pairs": pairs, "ode": ode}
+
+
+def test_teacher_loss_falls_and_final_checkpoint_loads(chain: dict) -> None:
+    losses = [r["loss"] for r in chain["teacher"]["rows"]]
+    assert len(losses) == 30 and fell(losses)
+    folder = chain["root"] / "shapes" / "teacher"
+    model, report = load_model(folder / "final.safetensors")
+    assert model.config == PRESETS["tiny"].dit and report.config_source == "file metadata"
+    with safe_open(str(folder / "final.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["causvid_stage"] == "teacher" and json.loads(meta["causvid_step"]) == 30
+    assert json.loads(meta["causvid_training"])["steps"] == 30
+    assert (folder / "samples" / "step_000030.mp4").stat().st_size > 0
+    assert (folder / "loss.png").exists() and (folder / "log.csv").read_text().count("\n") == 31
+
+
+def test_ode_pairs_hold_the_students_timesteps_and_are_reproducible(chain: dict, tmp_path: Path) -> None:
+    folder = chain["root"] / "shapes" / "ode-pairs"
+    again = run(chain["root"], "ode-pairs", "--out-dir", str(tmp_path / "again"))
+    assert len(again["written"]) == 2
+    for name in ("shard_00000.safetensors", "shard_00001.safetensors"):
+        with safe_open(str(folder / name), "pt") as a, safe_open(str(tmp_path / "again" / name), "pt") as b:
+            ma, mb = a.metadata(), b.metadata()
+            ca, cb = json.loads(ma.pop("config")), json.loads(mb.pop("config"))
+            assert ma == mb and {k for k in ca if ca[k] != cb[k]} == {"out_dir"}
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+            traj = a.get_tensor("trajectory")
+            meta = a.metadata()
+        assert traj.shape == (2, 4, 16, 6, 4, 4)  # [N, 3 kept steps + x0, C, F, h, w]
+        assert json.loads(meta["keep_steps"]) == [0, 36, 44]
+        assert len(json.loads(meta["prompts"])) == 2
+    # a second run over a finished folder skips every shard
+    assert run(chain["root"], "ode-pairs")["written"] == []
+
+
+def test_ode_init_loss_falls(chain: dict) -> None:
+    losses = [r["loss"] for r in chain["ode"]["rows"]]
+    assert fell(losses)
+    assert (chain["root"] / "shapes" / "ode-init" / "final.safetensors").exists()
+
+
+def test_dmd_critic_loss_falls_and_generator_moves(chain: dict) -> None:
+    root = chain["root"]
+    out = run(
+        root, "dmd", "--steps", "40", "--batch-size", "8", "--critic-lr", "3e-3", "--sample-every", "40"
+    )
+    rows = out["rows"]
+    assert fell([r["critic_loss"] for r in rows])
+    assert [r["step"] for r in rows if "gen_loss" in r] == list(range(1, 41, 2))  # every critic_steps=2
+    start, _ = load_model(root / "shapes" / "ode-init" / "final.safetensors")
+    end, _ = load_model(root / "shapes" / "dmd" / "final.safetensors")
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), end.parameters(), strict=True))
+    assert (root / "shapes" / "dmd" / "final_critic.safetensors").exists()
+    assert (root / "shapes" / "dmd" / "samples" / "step_000040.mp4").stat().st_size > 0
+
+
+def test_table4_variants_write_separate_stage_folders(chain: dict) -> None:
+    root = chain["root"]
+    run(root, "teacher", "--kind", "causal", "--steps", "2")
+    skip = run(root, "dmd", "--skip-ode-init", "--steps", "2")
+    causal = run(root, "dmd", "--teacher-kind", "causal", "--steps", "2", "--input", "data")
+    assert skip["folder"].name == "dmd-no-ode-init" and causal["folder"].name == "dmd-causal-teacher"
+    assert (root / "shapes" / "teacher-causal" / "final.safetensors").exists()
+
+
+def test_precompute_shards_feed_training(tmp_path: Path) -> None:
+    out = run(tmp_path, "precompute")
+    assert len(out["written"]) == 2
+    res = run(tmp_path, "teacher", "--data", str(out["folder"]), "--steps", "3")
+    assert len(res["rows"]) == 3 and all(np.isfinite(r["loss"]) for r in res["rows"])
+
+
+def test_precompute_reads_a_captioned_video_folder(tmp_path: Path) -> None:
+    from training.logging_utils import write_video
+    from training.shapes import render_video
+
+    videos = tmp_path / "videos"
+    captions = {"a.mp4": "a red circle moving right", "b.mp4": "a blue square moving up on a gray background"}
+    for i, (name, prompt) in enumerate(captions.items()):
+        write_video(render_video(prompt, i, 21, 32), videos / name)
+    (videos / "captions.json").write_text(json.dumps(captions))
+    out = run(tmp_path, "precompute", "--videos", str(videos))
+    with safe_open(str(out["written"][0]), "pt") as f:
+        assert json.loads(f.metadata()["prompts"]) == list(captions.values())
+        assert f.get_tensor("latents").shape == (2, 16, 6, 4, 4)
+
+
+def test_ranks_draw_different_deterministic_data() -> None:
+    a = sample_indices(3, 0, 2, 4, seed=1, size=100)
+    b = sample_indices(3, 1, 2, 4, seed=1, size=100)
+    assert not set(a) & set(b)
+    assert a == sample_indices(3, 0, 2, 4, seed=1, size=100)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"loss is nan at step 8.*state_000005\.pt.*--resume"):
+        run(tmp_path, "teacher", "--steps", "10", "--save-every", "5", "--debug-nan-at-step", "8")
+    folder = tmp_path / "shapes" / "teacher"
+    assert sorted(p.name for p in folder.glob("state_*.pt")) == ["state_000005.pt"]
+    assert not (folder / "final.safetensors").exists()
+    model, _ = load_model(folder / "step_000005.safetensors")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    resumed = run(tmp_path, "teacher", "--steps", "10", "--save-every", "5", "--resume")
+    assert [r["step"] for r in resumed["rows"]] == list(range(1, 11))
+
+
+def test_bad_options_name_the_problem() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option --stepz.*did you mean --steps"):
+        parse_cli("teacher", ["--stepz", "3"])
+    with pytest.raises(ConfigError, match=r"--steps expects int, got 'abc'"):
+        parse_cli("teacher", ["--steps", "abc"])
+    with pytest.raises(ConfigError, match=r"--grad-ckpt expects a bool"):
+        parse_cli("teacher", ["--grad-ckpt", "maybe"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        parse_cli("teacher", ["--preset", "huge"])
+    with pytest.raises(ConfigError, match="--teacher-kind must be"):
+        make_config("dmd", "tiny", {"teacher_kind": "sideways"})
+    cfg = parse_cli(
+        "dmd", ["--preset", "tiny", "--skip-ode-init", "--dit.num-layers", "3", "--grad-clip=2.5"]
+    )
+    assert cfg.skip_ode_init and cfg.dit.num_layers == 3 and cfg.grad_clip == 2.5
+
+
+def test_fsdp_on_the_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.dist import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--fsdp needs CUDA GPUs.*drop --fsdp to use DDP"):
+        init_distributed("cpu", fsdp=True)
+
+
+def test_missing_input_names_the_stage_and_command(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'teacher' stage makes it: python -m training.distill teacher"):
+        run(tmp_path, "ode-init")
+    with pytest.raises(ConfigError, match=r"'teacher' stage makes it"):
+        run(tmp_path, "ode-pairs")
+    with pytest.raises(ConfigError, match=r"'ode-init' stage makes it: python -m training.distill ode-init"):
+        run(tmp_path, "dmd", "--teacher", str(tmp_path), "--critic-init", str(tmp_path), "--input", "data")
+
+
+def test_empty_data_folders_are_reported(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"holds no shard_\*\.safetensors files; make them with: .*precompute"
+    ):
+        run(tmp_path, "teacher", "--data", str(empty))
+    with pytest.raises(ConfigError, match="holds no videos"):
+        run(tmp_path, "precompute", "--videos", str(empty))
+
+
+def test_command_line_prints_a_one_line_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.distill", "teacher", "--preset", "tiny", "--stepz", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown option --stepz") and "Traceback" not in proc.stderr

@@ -1,0 +1,112 @@
+"""``--resume`` continues bit for bit, after a planned stop and after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from causvid_core.checkpoint import save_model
+from causvid_core.config import PRESETS
+from causvid_core.model import CausalWanModel
+from training.distill import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(root: Path, stage: str, *args: str) -> dict:
+    return main([stage, "--preset", "tiny", "--runs-dir", str(root), *args])
+
+
+def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / name))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_optim(a: Path, b: Path) -> None:
+    sa, sb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+    for name, oa in sa["optimizers"].items():
+        ob = sb["optimizers"][name]
+        for k, st in oa["state"].items():
+            for field, value in st.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][k][field])), (
+                    name,
+                    k,
+                    field,
+                )
+
+
+def make_teacher(root: Path) -> Path:
+    torch.manual_seed(1)
+    return save_model(CausalWanModel(PRESETS["tiny"].dit), root / "shapes" / "teacher" / "final.safetensors")
+
+
+def test_teacher_resume_is_bit_for_bit(tmp_path: Path) -> None:
+    straight = run(tmp_path / "a", "teacher", "--steps", "6", "--save-every", "3")
+    run(tmp_path / "b", "teacher", "--steps", "3", "--save-every", "3")
+    resumed = run(tmp_path / "b", "teacher", "--steps", "6", "--save-every", "3", "--resume")
+    fa, fb = tmp_path / "a/shapes/teacher", tmp_path / "b/shapes/teacher"
+    assert_same(weights(fa, "final.safetensors"), weights(fb, "final.safetensors"))
+    assert_same_optim(fa / "state_000006.pt", fb / "state_000006.pt")
+    assert [r["loss"] for r in straight["rows"]] == [r["loss"] for r in resumed["rows"]]
+
+
+def test_dmd_resume_is_bit_for_bit(tmp_path: Path) -> None:
+    args = ("--input", "data", "--skip-ode-init", "--save-every", "3", "--critic-steps", "2")
+    for sub in ("a", "b"):
+        make_teacher(tmp_path / sub)
+    run(tmp_path / "a", "dmd", "--steps", "6", *args)
+    run(tmp_path / "b", "dmd", "--steps", "3", *args)  # stops after a critic-only step
+    run(tmp_path / "b", "dmd", "--steps", "6", "--resume", *args)
+    fa, fb = tmp_path / "a/shapes/dmd-no-ode-init", tmp_path / "b/shapes/dmd-no-ode-init"
+    assert_same(weights(fa, "final.safetensors"), weights(fb, "final.safetensors"))
+    assert_same(weights(fa, "final_critic.safetensors"), weights(fb, "final_critic.safetensors"))
+    assert_same_optim(fa / "state_000006.pt", fb / "state_000006.pt")
+    start = load_file(str(tmp_path / "a/shapes/teacher/final.safetensors"))
+    assert any(not torch.equal(start[k], v) for k, v in weights(fa, "final.safetensors").items())
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_identically(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-u", "-m", "training.distill", "teacher", "--preset", "tiny", "--runs-dir",
+           str(tmp_path / "b"), "--steps", "100000", "--save-every", "100000", "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 90
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "3/100000" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "SIGTERM: saved teacher at step" in rest
+    folder = tmp_path / "b/shapes/teacher"
+    states = sorted(folder.glob("state_*.pt"))
+    assert len(states) == 1 and not (folder / "final.safetensors").exists()
+    stopped = int(states[0].stem.split("_")[1])
+    assert stopped >= 3
+    total = str(stopped + 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): same float reduction order
+    try:
+        run(tmp_path / "b", "teacher", "--steps", total, "--save-every", "100000", "--resume")
+        run(tmp_path / "a", "teacher", "--steps", total, "--save-every", "100000")
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(
+        weights(tmp_path / "a/shapes/teacher", "final.safetensors"), weights(folder, "final.safetensors")
+    )

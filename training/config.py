@@ -1,0 +1,340 @@
+"""One dataclass config per training stage, chosen by ``--preset`` and overridden with ``--key value``.
+
+Every field is typed; the command line is parsed against those types (``--steps 10``, nested fields
+with dots: ``--dit.num-layers 4``, bools as bare flags: ``--grad-ckpt``). The whole config is printed
+at start and saved into every checkpoint as JSON, so a run can always be traced back to its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from causvid_core.config import PRESETS, CausalConfig, DiTConfig, SamplingConfig
+
+
+class ConfigError(ValueError):
+    """A bad command line or config value; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every stage."""
+
+    name: str = "shapes"  # run name: outputs go to {runs_dir}/{name}/{stage}/
+    runs_dir: str = "runs"
+    preset: str = "shapes"
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    # data: 'shapes' renders Shapes videos on the fly; otherwise a folder of latent shards (precompute)
+    data: str = "shapes"
+    vae: str = "pool"  # 'pool' (stand-in, no weights), a VAE preset name or a VAE checkpoint path
+    height: int = 64
+    width: int = 64
+    num_frames: int = 33  # pixel frames, 1 + 4k
+    data_size: int = 0  # > 0: cycle over this many distinct samples (small reproducible runs)
+    text_seed: int = 0  # seed of the Shapes text encoder table
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    seed: int = 0
+    # runtime
+    device: str = "auto"  # 'auto' = cuda when present, else cpu
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    grad_ckpt: bool = False
+    fsdp: bool = False
+    save_every: int = 100
+    log_every: int = 10
+    sample_every: int = 0  # 0: no sample videos during training (one is still made at the end if > 0)
+    resume: bool = False
+    out_dir: str | None = None  # override the stage folder
+    debug_nan_at_step: int = -1  # test hook: poison the loss at this step
+
+
+@dataclass
+class TeacherConfig(RunConfig):
+    """Flow-matching training of the bidirectional teacher (or a causal one, ``--kind causal``)."""
+
+    init: str | None = None  # fine-tune from this checkpoint
+    text_dropout: float = 0.1  # share of samples trained with the empty prompt (for CFG)
+    kind: str = "bidirectional"  # or 'causal': block-causal, one timestep per chunk (Table 4 ablation)
+    sample_steps: int = 20
+    sample_guidance: float = 6.0
+
+
+@dataclass
+class OdePairsConfig(RunConfig):
+    """The teacher's multi-step CFG trajectories, stored at the student's timesteps."""
+
+    teacher: str | None = None  # default: {runs_dir}/{name}/teacher/final.safetensors
+    negative: str | None = None  # safetensors with 'context' [1, L, D]; default: the empty prompt
+    num_samples: int = 64
+    shard_size: int = 16
+    num_steps: int = 50
+    guidance: float = 6.0
+
+
+@dataclass
+class OdeInitConfig(RunConfig):
+    """Regression of the causal student onto the ODE pairs' x0."""
+
+    teacher: str | None = None
+    pairs: str | None = None  # default: {runs_dir}/{name}/ode-pairs
+
+
+@dataclass
+class DMDConfig(RunConfig):
+    """Asymmetric DMD: frozen real score, trainable critic, causal generator."""
+
+    teacher: str | None = None  # real score; default teacher/final (or teacher-causal/final)
+    teacher_kind: str = "bidirectional"  # or 'causal'
+    critic_init: str | None = None  # default: the bidirectional teacher
+    generator_init: str | None = None  # default: ode-init/final (the teacher with --skip-ode-init)
+    skip_ode_init: bool = False
+    input: str = "ode"  # generator input: 'ode' (ODE-final latents) or 'data' (data latents)
+    pairs: str | None = None
+    guidance: float = 3.5
+    critic_steps: int = 5  # critic steps per generator step
+    critic_lr: float | None = None  # default: lr
+    min_t: float = 20.0
+    max_t: float = 980.0
+
+
+@dataclass
+class PrecomputeConfig(RunConfig):
+    """Encode videos (Shapes, or a folder with captions) to sharded latent + text-embedding files."""
+
+    videos: str = "shapes"  # 'shapes' or a folder of mp4 files with captions
+    text_embeddings: str | None = None  # safetensors 'context' [N, L, D] + metadata 'captions'
+    num_samples: int = 256
+    shard_size: int = 64
+
+
+STAGE_CONFIGS: dict[str, type[RunConfig]] = {
+    "teacher": TeacherConfig,
+    "ode-pairs": OdePairsConfig,
+    "ode-init": OdeInitConfig,
+    "dmd": DMDConfig,
+    "precompute": PrecomputeConfig,
+}
+
+# Small Shapes model (see SHAPES.md): ~3M parameters, 16 tokens per latent frame at 64x64.
+SHAPES_DIT = DiTConfig(
+    dim=192, ffn_dim=512, num_heads=4, num_layers=6, freq_dim=64, text_dim=64, text_len=16
+)  # fmt: skip
+
+_COMMON: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "dit": PRESETS["tiny"].dit, "causal": PRESETS["tiny"].causal, "height": 32, "width": 32,
+        "num_frames": 21, "batch_size": 2, "steps": 20, "lr": 1e-3, "save_every": 10, "log_every": 5,
+        "data_size": 2, "vae": "pool", "amp": False,
+    },
+    "shapes": {
+        "dit": SHAPES_DIT, "height": 64, "width": 64, "num_frames": 33, "batch_size": 8,
+        "lr": 3e-4, "vae": "shapes", "save_every": 200, "log_every": 10, "sample_every": 500,
+    },
+    "wan2.1-t2v-1.3b": {
+        "dit": PRESETS["wan2.1-t2v-1.3b"].dit, "height": 480, "width": 832, "num_frames": 81,
+        "batch_size": 1, "lr": 2e-6, "vae": "wan2.1", "grad_ckpt": True, "save_every": 100,
+    },
+}  # fmt: skip
+_STAGE: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "ode-pairs": {"num_samples": 4, "shard_size": 2},
+        "dmd": {"steps": 10, "lr": 1e-4, "critic_steps": 2},
+        "precompute": {"num_samples": 4, "shard_size": 2},
+    },
+    "shapes": {
+        "teacher": {"steps": 3000},
+        "ode-pairs": {"num_samples": 512, "shard_size": 64},
+        "ode-init": {"steps": 1000, "lr": 1e-4},
+        "dmd": {"steps": 1000, "lr": 2e-5},
+        "precompute": {"num_samples": 2048, "shard_size": 256},
+    },
+    "wan2.1-t2v-1.3b": {
+        "teacher": {"steps": 1000, "lr": 1e-5},
+        "ode-pairs": {"num_samples": 1536, "shard_size": 16},
+        "ode-init": {"steps": 3000, "lr": 2e-6},
+        "dmd": {"steps": 1000},
+    },
+}
+TRAIN_PRESETS: tuple[str, ...] = tuple(_COMMON)
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    """Where a stage writes: {runs_dir}/{name}/{stage} (or ``out_dir``)."""
+    if cfg.out_dir and stage == stage_name(cfg):
+        return Path(cfg.out_dir)
+    return Path(cfg.runs_dir) / cfg.name / stage
+
+
+def stage_name(cfg: RunConfig) -> str:
+    """The folder name of the stage this config runs; variants are named so they cannot be confused."""
+    if isinstance(cfg, TeacherConfig):
+        return "teacher-causal" if cfg.kind == "causal" else "teacher"
+    if isinstance(cfg, DMDConfig):
+        name = "dmd"
+        if cfg.skip_ode_init:
+            name += "-no-ode-init"
+        if cfg.teacher_kind == "causal":
+            name += "-causal-teacher"
+        return name
+    return {OdePairsConfig: "ode-pairs", OdeInitConfig: "ode-init", PrecomputeConfig: "latents"}[type(cfg)]
+
+
+# -- overrides -----------------------------------------------------------------------------
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+    """Convert a command-line string to the field's type, with a clear error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    if origin is tuple:
+        return tuple(_parse_value(part.strip(), args[0], key) for part in text.split(",") if part.strip())
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects a bool (true/false), got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects {tp.__name__}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = False) -> Any:
+    """Return ``cfg`` with dotted keys replaced (values parsed from strings when ``strings``)."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    table = _fields(type(cfg))
+    for raw_key, value in overrides.items():
+        key = raw_key.replace("-", "_")
+        head, _, rest = key.partition(".")
+        if head not in table:
+            close = difflib.get_close_matches(head, list(table), n=3)
+            hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown option --{raw_key} for {type(cfg).__name__}{hint} "
+                f"(known: {', '.join(sorted(table))})"
+            )
+        _, tp = table[head]
+        if rest:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"--{raw_key}: {head} has no sub-fields")
+            nested.setdefault(head, {})[rest] = value
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            nested.setdefault(head, {}).update(value)
+        else:
+            flat[head] = _parse_value(value, tp, raw_key) if strings and isinstance(value, str) else value
+    for head, sub in nested.items():
+        flat[head] = apply_overrides(getattr(cfg, head), {f"{k}": v for k, v in sub.items()}, strings=strings)
+    try:
+        return dataclasses.replace(cfg, **flat)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid value in {sorted(overrides)}: {err}") from None
+
+
+def parse_cli(stage: str, argv: list[str]) -> RunConfig:
+    """``--preset P --key value ...`` -> the stage's config (preset first, then the overrides)."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CONFIGS)}")
+    preset, pairs = "shapes", {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are written --key value")
+        key = arg[2:]
+        value: str = "true"
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "preset":
+            preset = value
+        else:
+            pairs[key] = value
+    return make_config(stage, preset, pairs)
+
+
+def make_config(stage: str, preset: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build a stage config from a training preset plus overrides (strings are parsed)."""
+    if preset not in _COMMON:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    cfg = STAGE_CONFIGS[stage](preset=preset)
+    base = {**_COMMON[preset], **_STAGE.get(preset, {}).get(stage, {})}
+    cfg = apply_overrides(cfg, {k: v for k, v in base.items() if k in _fields(type(cfg))})
+    cfg = apply_overrides(cfg, overrides or {}, strings=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks with messages that name the fix."""
+    if (cfg.num_frames - 1) % 4:
+        raise ConfigError(
+            f"--num-frames {cfg.num_frames} must be 1 + 4k (the VAE's 4x time stride), e.g. 21 or 33"
+        )
+    if cfg.height % 16 or cfg.width % 16:
+        raise ConfigError(f"--height/--width ({cfg.height}x{cfg.width}) must be multiples of 16")
+    for key in ("steps", "batch_size", "save_every", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    if isinstance(cfg, TeacherConfig) and cfg.kind not in ("bidirectional", "causal"):
+        raise ConfigError(f"--kind must be 'bidirectional' or 'causal', got {cfg.kind!r}")
+    if isinstance(cfg, DMDConfig):
+        if cfg.teacher_kind not in ("bidirectional", "causal"):
+            raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")
+        if cfg.input not in ("ode", "data"):
+            raise ConfigError(f"--input must be 'ode' or 'data', got {cfg.input!r}")
+        if cfg.critic_steps < 1:
+            raise ConfigError(f"--critic-steps must be at least 1, got {cfg.critic_steps}")
+    if isinstance(cfg, OdePairsConfig | PrecomputeConfig) and cfg.shard_size < 1:
+        raise ConfigError("--shard-size must be at least 1")
+
+
+def to_json(cfg: RunConfig) -> str:
+    """The config as JSON (stored in checkpoints and printed at start)."""
+    return json.dumps({"stage_config": type(cfg).__name__, **dataclasses.asdict(cfg)})
+
+
+def describe_fields(stage: str) -> str:
+    """``--help`` text: every option with its type and default."""
+    cls = STAGE_CONFIGS[stage]
+    lines = [f"python -m training.distill {stage} [--preset {'|'.join(TRAIN_PRESETS)}] [--key value ...]"]
+    for name, (f, tp) in _fields(cls).items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(tp):
+            for sub, (_sf, stp) in _fields(tp).items():
+                sd = getattr(default, sub)
+                lines.append(f"  --{name}.{sub.replace('_', '-')} ({_tname(stp)}, default {sd})")
+        else:
+            lines.append(f"  --{name.replace('_', '-')} ({_tname(tp)}, default {default})")
+    return "\n".join(lines)
+
+
+def _tname(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))

@@ -1,0 +1,672 @@
+"""``python -m training.distill STAGE``: CausVid's recipe, stage by stage, one process or ``torchrun``.
+
+Stages (docs/training.md): ``precompute`` (videos -> latent shards), ``teacher`` (bidirectional flow
+matching, or a causal teacher with ``--causal``), ``ode-pairs`` (the teacher's 50-step CFG
+trajectories at the student's timesteps), ``ode-init`` (causal student regressed onto x0) and ``dmd``
+(asymmetric distribution matching distillation). All randomness of step s on rank r comes from
+generators seeded by (seed, s, r), so ``--resume`` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from causvid_core.checkpoint import load_model
+from causvid_core.config import chunk_layout
+from causvid_core.model import CausalWanModel
+from causvid_core.sampling import FlowSchedule, add_noise, denoising_timesteps, sample_teacher, x0_from_v
+
+from . import dist
+from .config import (
+    ConfigError,
+    DMDConfig,
+    OdeInitConfig,
+    OdePairsConfig,
+    PrecomputeConfig,
+    RunConfig,
+    TeacherConfig,
+    describe_fields,
+    parse_cli,
+    stage_dir,
+    stage_name,
+    to_json,
+)
+from .data import ShardSource, build_source, latent_shape, uncond_context
+from .logging_utils import MetricLog, Progress, plot_losses
+from .losses import (
+    cfg_combine,
+    chunk_step_indices,
+    dmd_gradient,
+    dmd_loss,
+    dmd_timesteps,
+    flow_matching_loss,
+    grid_timesteps,
+    ode_regression_loss,
+)
+from .state import CheckpointManager, Trainable
+
+StepFn = Callable[[int], dict[str, float]]
+
+
+class TrainingError(RuntimeError):
+    """A run stopped on purpose (non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, name: str, value: float) -> None:
+        super().__init__(name, value)
+        self.name, self.value = name, value
+
+
+# -- small helpers ---------------------------------------------------------------------------
+def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
+    """The torch generator of (seed, step, rank): data, noise and timesteps are a function of these."""
+    mixed = int(np.random.SeedSequence([seed, step, rank, salt]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(mixed & ((1 << 63) - 1))
+
+
+def randn(shape: torch.Size | tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
+    return torch.randn(tuple(shape), generator=gen).to(device)
+
+
+def checked(name: str, loss: Tensor, step: int, cfg: RunConfig, ctx: dist.DistContext) -> float:
+    """Mean of ``loss`` over ranks; raises ``NonFiniteLoss`` before any update when it is NaN or Inf."""
+    value = dist.mean_across_ranks(loss, ctx)
+    if not math.isfinite(value):
+        raise NonFiniteLoss(name, value)
+    return value
+
+
+def poison(loss: Tensor, step: int, cfg: RunConfig) -> Tensor:
+    """Test hook: NaN loss at ``--debug-nan-at-step``."""
+    return loss * float("nan") if step + 1 == cfg.debug_nan_at_step else loss
+
+
+def update(t: Trainable, loss: Tensor, cfg: RunConfig) -> float:
+    """zero_grad, backward, clip to ``grad_clip``, step; returns the gradient norm before clipping."""
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = dist.clip_grad(t.model, cfg.grad_clip)
+    t.opt.step()
+    return float(norm)
+
+
+def adamw(model: nn.Module, lr: float, cfg: RunConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+
+def make_command(stage: str, cfg: RunConfig, extra: str = "") -> str:
+    return f"python -m training.distill {stage} --preset {cfg.preset} --name {cfg.name}{extra}"
+
+
+def require(path: str | None, default: Path, what: str, made_by: str, flag: str) -> Path:
+    """An input checkpoint or folder, with an error naming the stage and command that make it."""
+    p = Path(path) if path else default
+    if not p.exists():
+        if not made_by:
+            raise ConfigError(f"{what} {p} not found (check {flag})")
+        stage = made_by.split()[3]
+        raise ConfigError(
+            f"{what} {p} not found; the {stage!r} stage makes it: {made_by} (or pass {flag} PATH)"
+        )
+    return p
+
+
+def load_dit(path: Path, cfg: RunConfig, device: torch.device, trainable: bool) -> CausalWanModel:
+    """Load a checkpoint in float32 and check it matches the run's ``dit`` config."""
+    model, _ = load_model(path, dtype=torch.float32, device=device)
+    if model.config != cfg.dit:
+        raise ConfigError(
+            f"{path} holds a model with config {model.config}, but this run's --preset {cfg.preset} "
+            f"expects {cfg.dit}; use the same --preset / --dit.* as the stage that made it"
+        )
+    model.gradient_checkpointing = cfg.grad_ckpt
+    return model.train().requires_grad_(True) if trainable else model.eval().requires_grad_(False)
+
+
+def count_params(cfg: RunConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalWanModel(cfg.dit).parameters())
+
+
+def memory_report(models: dict[str, bool], cfg: RunConfig, ctx: dist.DistContext) -> str:
+    """Weights (fp32) + grads (fp32) + AdamW moments (2 x fp32) for trained models; weights for frozen ones."""
+    n = count_params(cfg)
+    shard = ctx.world_size if ctx.fsdp else 1
+    parts, total = [], 0.0
+    for name, trainable in models.items():
+        gib = n * (16 / shard if trainable else 4) / 2**30  # frozen models are not sharded
+        total += gib
+        parts.append(f"{name} {gib:.3f} GiB ({'trained: weights+grads+AdamW' if trainable else 'frozen'})")
+    per = "per rank (FSDP)" if shard > 1 else "per process"
+    return (
+        f"memory estimate {per}, {n / 1e6:.2f}M params per model, activations not included: "
+        + ", ".join(parts)
+        + f"; total {total:.3f} GiB"
+    )
+
+
+class StopFlag:
+    """SIGTERM sets a flag; the loop saves and exits at the end of the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# -- the loop ------------------------------------------------------------------------------
+def train_loop(
+    cfg: RunConfig,
+    ctx: dist.DistContext,
+    trainables: list[Trainable],
+    step_fn: StepFn,
+    sample_fn: Callable[[int, Path], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``step_fn`` from the start (or the resumed step) to ``cfg.steps`` with logs and checkpoints."""
+    stage = stage_name(cfg)
+    folder = stage_dir(cfg, stage)
+    ckpt = CheckpointManager(folder, stage, cfg, ctx)
+    start, last_good = 0, ckpt.latest()
+    if cfg.resume and last_good is not None:
+        start = ckpt.load(last_good, trainables)["step"]
+        _say(ctx, f"resumed {stage} from {last_good} at step {start}")
+    elif cfg.resume:
+        _say(ctx, f"--resume: no checkpoint in {folder} yet, starting at step 0")
+    elif last_good is not None:
+        raise ConfigError(
+            f"{folder} already holds checkpoints (latest {last_good.name}); pass --resume to continue "
+            "that run, or choose another --name"
+        )
+    log = MetricLog(folder, start) if ctx.is_main else None
+    progress = Progress(cfg.steps, start, cfg.log_every, ctx.is_main)
+    stopped = False
+    with StopFlag() as stop:
+        for step in range(start, cfg.steps):
+            try:
+                metrics = step_fn(step)
+            except NonFiniteLoss as err:
+                if log is not None:
+                    log.flush()
+                raise TrainingError(
+                    f"{stage}: {err.name} is {err.value} at step {step + 1}; stopped without saving "
+                    f"this state. Last good checkpoint: {last_good or 'none (no checkpoint yet)'}; "
+                    "continue from it with --resume (a lower --lr may help)"
+                ) from None
+            done = step + 1
+            if log is not None:
+                log.add({"step": done, **metrics})
+            progress.update(done, metrics)
+            stopped = dist.any_across_ranks(stop.requested, ctx)
+            if done % cfg.save_every == 0 or done == cfg.steps or stopped:
+                last_good = ckpt.save(done, trainables, {}) or ckpt.state_path(done)
+                if log is not None:
+                    log.flush()
+                    plot_losses(log.rows, folder / "loss.png", f"{cfg.name} / {stage}")
+            if (
+                sample_fn
+                and ctx.is_main
+                and cfg.sample_every
+                and (done % cfg.sample_every == 0 or done == cfg.steps)
+            ):
+                sample_fn(done, folder)
+            if stopped:
+                _say(
+                    ctx, f"SIGTERM: saved {stage} at step {done}; continue with the same command and --resume"
+                )
+                break
+    progress.close()
+    final = [] if stopped else ckpt.finalize(cfg.steps, trainables)
+    if ctx.distributed:
+        for t in trainables:
+            print(f"rank {ctx.rank}: {t.prefix} digest {dist.digest(t.model)}", flush=True)
+    return {
+        "stage": stage,
+        "folder": folder,
+        "rows": log.rows if log else [],
+        "final": final,
+        "stopped": stopped,
+    }
+
+
+def _say(ctx: dist.DistContext, msg: str) -> None:
+    if ctx.is_main:
+        print(msg, flush=True)
+
+
+# -- stages --------------------------------------------------------------------------------
+def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    """Flow-matching loss MSE(v, eps - x0) at t drawn from the shifted grid (per chunk when causal)."""
+    dev = ctx.device
+    _say(ctx, memory_report({"teacher": True}, cfg, ctx))
+    if cfg.init:
+        raw = load_dit(require(cfg.init, Path(cfg.init), "--init checkpoint", "", "--init"), cfg, dev, True)
+    else:
+        torch.manual_seed(cfg.seed)
+        raw = CausalWanModel(cfg.dit).to(dev).train()
+        raw.gradient_checkpointing = cfg.grad_ckpt
+    model = dist.wrap(raw, ctx)
+    t = Trainable("step", model, adamw(model, cfg.lr, cfg), raw)
+    source = build_source(cfg)
+    schedule = FlowSchedule.from_config(cfg.sampling)
+    uncond = uncond_context(cfg).to(dev)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(cfg.seed, step, ctx.rank)
+        batch = source.get(_indices(cfg, ctx, step, len(source)))
+        x0, text = batch.latents.to(dev), batch.context.to(dev)
+        b, f = x0.shape[0], x0.shape[2]
+        drop = torch.rand(b, generator=gen) < cfg.text_dropout
+        text = torch.where(drop.to(dev)[:, None, None], uncond.expand_as(text), text)
+        chunks = (
+            chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
+            if cfg.kind == "causal"
+            else None
+        )
+        if chunks:  # one timestep per chunk, repeated over its frames: [B, F]
+            tt, sigma = grid_timesteps(schedule, (b, len(chunks)), gen)
+            rep = torch.tensor(chunks)
+            tt, sigma = tt.repeat_interleave(rep, 1), sigma.repeat_interleave(rep, 1)
+        else:
+            tt, sigma = grid_timesteps(schedule, (b,), gen)
+        eps = randn(x0.shape, gen, dev)
+        x_t = add_noise(x0, eps, sigma.to(dev))
+        with dist.autocast(ctx, cfg.amp):
+            v = model(x_t, tt.to(dev), text, chunk_sizes=chunks)
+        loss = poison(flow_matching_loss(v, eps, x0), step, cfg)
+        value = checked("loss", loss, step, cfg, ctx)
+        return {"loss": value, "grad_norm": update(t, loss, cfg)}
+
+    def sample_fn(step: int, folder: Path) -> None:
+        _sample_teacher_video(raw, cfg, source, uncond, folder / "samples" / f"step_{step:06d}.mp4")
+
+    return train_loop(cfg, ctx, [t], step_fn, sample_fn)
+
+
+def _indices(cfg: RunConfig, ctx: dist.DistContext, step: int, size: int) -> list[int]:
+    from .data import sample_indices
+
+    return sample_indices(step, ctx.rank, ctx.world_size, cfg.batch_size, cfg.seed, size or None)
+
+
+def keep_indices(cfg: OdePairsConfig) -> tuple[list[int], list[float]]:
+    """Indices of the teacher's Euler steps at the student's timesteps (e.g. [0, 36, 44] for [1000, 757, 522])."""
+    from causvid_core.sampling import teacher_sigmas
+
+    grid = (teacher_sigmas(cfg.num_steps, cfg.sampling.shift)[:-1] * 1000).tolist()
+    keep = []
+    for t in denoising_timesteps(cfg.sampling):
+        i = int(np.argmin([abs(g - t) for g in grid]))
+        if abs(grid[i] - t) > 1.5:
+            raise ConfigError(
+                f"student timestep {t} is not on the teacher's {cfg.num_steps}-step shift-{cfg.sampling.shift} "
+                f"schedule (nearest {grid[i]:.1f} at index {i}); change --num-steps or --sampling.denoising-steps"
+            )
+        keep.append(i)
+    return keep, [grid[i] for i in keep] + [0.0]
+
+
+def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    """Teacher trajectories with CFG from seeded noise, stored in resumable shards of ``shard_size``."""
+    from .data import write_shard
+
+    dev = ctx.device
+    path = require(cfg.teacher, stage_dir(cfg, "teacher") / "final.safetensors", "teacher checkpoint",
+                   make_command("teacher", cfg), "--teacher")  # fmt: skip
+    _say(ctx, memory_report({"teacher": False}, cfg, ctx))
+    teacher = load_dit(path, cfg, dev, trainable=False)
+    source = build_source(cfg)
+    keep, kept_t = keep_indices(cfg)
+    _say(ctx, f"keeping teacher steps {keep} (t = {[round(t, 1) for t in kept_t]}) and x0")
+    folder = stage_dir(cfg, "ode-pairs")
+    neg = uncond_context(cfg, cfg.negative).to(dev)
+    n_shards = math.ceil(cfg.num_samples / cfg.shard_size)
+    written = []
+    for j in range(ctx.rank, n_shards, ctx.world_size):
+        out = folder / f"shard_{j:05d}.safetensors"
+        if out.exists():
+            _say(ctx, f"{out.name} exists, skipped")
+            continue
+        idx = list(range(j * cfg.shard_size, min(cfg.num_samples, (j + 1) * cfg.shard_size)))
+        prompts, text = source.prompts([i % (len(source) or cfg.num_samples) for i in idx])
+        trajs = []
+        for a in range(0, len(idx), cfg.batch_size):
+            sub = idx[a : a + cfg.batch_size]
+            noise = torch.stack([torch.randn(latent_shape(cfg), generator=step_generator(cfg.seed, i, 0, 7))
+                                 for i in sub]).to(dev)  # fmt: skip
+            with torch.no_grad(), dist.autocast(ctx, False):
+                cond = teacher.encode_context(text[a : a + len(sub)].to(dev))
+                unc = teacher.encode_context(neg.expand(len(sub), -1, -1))
+                x0, kept = sample_teacher(teacher, noise, cond, unc, num_steps=cfg.num_steps,
+                                          shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep)  # fmt: skip
+            trajs.append(torch.stack([*kept, x0], dim=1).cpu())  # [b, K+1, C, F, h, w]
+        meta = {"prompts": prompts, "sample_indices": idx, "noise_seed": cfg.seed, "teacher": str(path),
+                "keep_steps": keep, "timesteps": kept_t, "config": json.loads(to_json(cfg))}  # fmt: skip
+        write_shard(
+            out, {"trajectory": torch.cat(trajs), "context": text, "timesteps": torch.tensor(kept_t)}, meta
+        )
+        written.append(out)
+        _say(ctx, f"wrote {out} ({len(idx)} samples)")
+    dist.barrier(ctx)
+    return {"stage": "ode-pairs", "folder": folder, "written": written}
+
+
+def _pairs(cfg: OdeInitConfig | DMDConfig) -> ShardSource:
+    made = make_command("ode-pairs", cfg)
+    folder = require(cfg.pairs, stage_dir(cfg, "ode-pairs"), "ODE pair folder", made, "--pairs")
+    pairs = ShardSource(folder, "trajectory", made)
+    stored = pairs.meta("timesteps")[:-1]
+    steps = denoising_timesteps(cfg.sampling)
+    if len(stored) != len(steps) or max(abs(a - b) for a, b in zip(stored, steps, strict=True)) > 1.5:
+        raise ConfigError(
+            f"the ODE pairs in {folder} were stored at t = {stored}, the student's list is {steps}; "
+            "make pairs for this list (ode-pairs with the same --sampling.denoising-steps)"
+        )
+    return pairs
+
+
+def _student_input(
+    x_traj: Tensor | None,
+    x0: Tensor,
+    idx: Tensor,
+    steps: list[float],
+    schedule: FlowSchedule,
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-frame student input: trajectory points (ODE) or x0 re-noised; returns (x_t, t [B, F], sigma)."""
+    t = torch.tensor(steps, dtype=torch.float32)[idx]  # [B, F]
+    sigma = schedule.sigma(t)
+    if x_traj is not None:  # [B, K+1, C, F, h, w] -> the point at idx for each frame
+        b, _, c, f, h, w = x_traj.shape
+        g = idx.view(b, 1, 1, f, 1, 1).expand(b, 1, c, f, h, w).to(x_traj.device)
+        return torch.gather(x_traj, 1, g).squeeze(1), t, sigma
+    eps = torch.randn(tuple(x0.shape), generator=gen).to(x0.device)
+    return add_noise(x0, eps, sigma.float().to(x0.device)), t, sigma
+
+
+def run_ode_init(cfg: OdeInitConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    """Causal student regressed onto x0 from trajectory points, each chunk at its own step of the list."""
+    dev = ctx.device
+    path = require(cfg.teacher, stage_dir(cfg, "teacher") / "final.safetensors", "teacher checkpoint",
+                   make_command("teacher", cfg), "--teacher")  # fmt: skip
+    pairs = _pairs(cfg)
+    _say(ctx, memory_report({"student": True}, cfg, ctx))
+    raw = load_dit(path, cfg, dev, trainable=True)
+    model = dist.wrap(raw, ctx)
+    t = Trainable("step", model, adamw(model, cfg.lr, cfg), raw)
+    schedule = FlowSchedule.from_config(cfg.sampling)
+    steps = denoising_timesteps(cfg.sampling, schedule)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(cfg.seed, step, ctx.rank)
+        batch = pairs.get(_indices(cfg, ctx, step, len(pairs)))
+        traj, text = batch.latents.to(dev), batch.context.to(dev)
+        b, f = traj.shape[0], traj.shape[3]
+        chunks = chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
+        idx = chunk_step_indices(b, chunks, len(steps), gen)
+        x_t, tt, sigma = _student_input(traj, traj[:, -1], idx, steps, schedule, gen)
+        with dist.autocast(ctx, cfg.amp):
+            v = model(x_t, tt.to(dev), text, chunk_sizes=chunks)
+        x0_pred = x0_from_v(x_t, v, sigma.to(dev))
+        loss = poison(ode_regression_loss(x0_pred, traj[:, -1], tt.to(dev)), step, cfg)
+        value = checked("loss", loss, step, cfg, ctx)
+        return {"loss": value, "grad_norm": update(t, loss, cfg)}
+
+    def sample_fn(step: int, folder: Path) -> None:
+        _sample_student_video(
+            raw, cfg, pairs.get([0]).context[:1], folder / "samples" / f"step_{step:06d}.mp4"
+        )
+
+    return train_loop(cfg, ctx, [t], step_fn, sample_fn)
+
+
+def _dmd_models(
+    cfg: DMDConfig, ctx: dist.DistContext
+) -> tuple[CausalWanModel, CausalWanModel, CausalWanModel]:
+    """(generator, critic, real score) from their checkpoints, with errors naming the stage that makes each."""
+    dev = ctx.device
+    teacher_default = stage_dir(cfg, "teacher") / "final.safetensors"
+    bidir = require(None if cfg.teacher_kind == "causal" else cfg.teacher, teacher_default,
+                    "teacher checkpoint", make_command("teacher", cfg), "--teacher")  # fmt: skip
+    if cfg.teacher_kind == "causal":
+        real_path = require(cfg.teacher, stage_dir(cfg, "teacher-causal") / "final.safetensors",
+                            "causal teacher checkpoint", make_command("teacher", cfg, " --kind causal"), "--teacher")  # fmt: skip
+    else:
+        real_path = bidir
+    critic_path = require(
+        cfg.critic_init, bidir, "critic init checkpoint", make_command("teacher", cfg), "--critic-init"
+    )
+    if cfg.skip_ode_init:
+        gen_path = require(
+            cfg.generator_init, bidir, "generator init", make_command("teacher", cfg), "--generator-init"
+        )
+    else:
+        gen_path = require(cfg.generator_init, stage_dir(cfg, "ode-init") / "final.safetensors",
+                           "ODE-init student checkpoint", make_command("ode-init", cfg), "--generator-init")  # fmt: skip
+    _say(
+        ctx,
+        f"generator <- {gen_path}, critic <- {critic_path}, real score ({cfg.teacher_kind}) <- {real_path}",
+    )
+    return (
+        load_dit(gen_path, cfg, dev, True),
+        load_dit(critic_path, cfg, dev, True),
+        load_dit(real_path, cfg, dev, False),
+    )
+
+
+def score_x0(
+    model: nn.Module, x_t: Tensor, t: Tensor, text: Any, sigma: Tensor, chunks: list[int] | None
+) -> Tensor:
+    """x0 predicted by a score model at one t per sample (t [B]; repeated per frame when causal)."""
+    tt = t[:, None].expand(-1, x_t.shape[2]) if chunks else t
+    return x0_from_v(x_t, model(x_t, tt, text, chunk_sizes=chunks), sigma)
+
+
+def dmd_generator_loss(
+    x: Tensor,
+    t: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    text: Tensor,
+    uncond: Tensor,
+    real: nn.Module,
+    critic: nn.Module,
+    guidance: float,
+    real_chunks: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """DMD loss of generator samples ``x``: real score with CFG, critic conditional only (no grad to either)."""
+    with torch.no_grad():
+        x_t = add_noise(x.detach(), eps, sigma)
+        fake = score_x0(critic, x_t, t, text, sigma, None)
+        cond = score_x0(real, x_t, t, text, sigma, real_chunks)
+        unc = score_x0(real, x_t, t, uncond.expand_as(text), sigma, real_chunks)
+        real_x0 = cfg_combine(cond, unc, guidance)
+    grad = dmd_gradient(x, real_x0, fake)
+    return dmd_loss(x, grad), grad
+
+
+def critic_loss(
+    critic: nn.Module, x_fake: Tensor, t: Tensor, sigma: Tensor, eps: Tensor, text: Tensor
+) -> Tensor:
+    """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only."""
+    x_t = add_noise(x_fake.detach(), eps, sigma)
+    return flow_matching_loss(critic(x_t, t, text), eps, x_fake.detach())
+
+
+def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    """Asymmetric DMD: the critic steps every iteration, the generator every ``critic_steps``-th."""
+    dev = ctx.device
+    source = _pairs(cfg) if cfg.input == "ode" else build_source(cfg)
+    _say(ctx, memory_report({"generator": True, "critic": True, "real score": False}, cfg, ctx))
+    g_raw, c_raw, real = _dmd_models(cfg, ctx)
+    g_model, c_model = dist.wrap(g_raw, ctx), dist.wrap(c_raw, ctx)
+    gen_t = Trainable("step", g_model, adamw(g_model, cfg.lr, cfg), g_raw)
+    crit_t = Trainable("critic", c_model, adamw(c_model, cfg.critic_lr or cfg.lr, cfg), c_raw)
+    schedule = FlowSchedule.from_config(cfg.sampling)
+    steps = denoising_timesteps(cfg.sampling, schedule)
+    uncond = uncond_context(cfg).to(dev)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(cfg.seed, step, ctx.rank)
+        batch = source.get(_indices(cfg, ctx, step, len(source)))
+        lat, text = batch.latents.to(dev), batch.context.to(dev)
+        x0 = lat[:, -1] if cfg.input == "ode" else lat  # ODE-final latents or data latents
+        b, f = x0.shape[0], x0.shape[2]
+        chunks = chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
+        x_in, t_in, sig_in = _student_input(
+            None, x0, chunk_step_indices(b, chunks, len(steps), gen), steps, schedule, gen
+        )
+        t_in, sig_in = t_in.to(dev), sig_in.to(dev)
+        t = dmd_timesteps(b, gen, shift=cfg.sampling.shift, min_t=cfg.min_t, max_t=cfg.max_t)
+        sigma = schedule.sigma(t).float().to(dev)
+        t, eps_g, eps_c = t.to(dev), randn(x0.shape, gen, dev), randn(x0.shape, gen, dev)
+        real_chunks = chunks if cfg.teacher_kind == "causal" else None
+        out: dict[str, float] = {}
+        if step % cfg.critic_steps == 0:
+            with dist.autocast(ctx, cfg.amp):
+                x = x0_from_v(x_in, g_model(x_in, t_in, text, chunk_sizes=chunks), sig_in)
+                loss, grad = dmd_generator_loss(
+                    x, t, sigma, eps_g, text, uncond, real, c_raw, cfg.guidance, real_chunks
+                )
+            loss = poison(loss, step, cfg)
+            out["gen_loss"] = checked("generator loss", loss, step, cfg, ctx)
+            out["gen_grad_norm"] = update(gen_t, loss, cfg)
+        with torch.no_grad(), dist.autocast(ctx, cfg.amp):
+            x_fake = x0_from_v(x_in, g_raw(x_in, t_in, text, chunk_sizes=chunks), sig_in)
+        with dist.autocast(ctx, cfg.amp):
+            loss_c = poison(critic_loss(c_model, x_fake, t, sigma, eps_c, text), step, cfg)
+        out["critic_loss"] = checked("critic loss", loss_c, step, cfg, ctx)
+        out["critic_grad_norm"] = update(crit_t, loss_c, cfg)
+        return out
+
+    def sample_fn(step: int, folder: Path) -> None:
+        _sample_student_video(
+            g_raw, cfg, source.get([0]).context[:1], folder / "samples" / f"step_{step:06d}.mp4"
+        )
+
+    return train_loop(cfg, ctx, [gen_t, crit_t], step_fn, sample_fn)
+
+
+# -- samples -------------------------------------------------------------------------------
+def _write_latent_video(latents: Tensor, cfg: RunConfig, path: Path) -> None:
+    from .data import build_codec
+    from .logging_utils import write_video
+
+    video = build_codec(cfg).decode(latents.cpu())[0]  # [3, T, H, W] in -1..1
+    frames = ((video.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    write_video(frames, path, fps=16)
+
+
+def _sample_teacher_video(
+    model: CausalWanModel, cfg: TeacherConfig, source: Any, uncond: Tensor, path: Path
+) -> None:
+    dev = next(model.parameters()).device
+    text = source.prompts([0])[1][:1].to(dev)
+    noise = torch.randn((1, *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+    chunks = chunk_layout(noise.shape[2], cfg.causal.chunk_frames) if cfg.kind == "causal" else None
+    with torch.no_grad():
+        x0, _ = sample_teacher(model, noise, model.encode_context(text), model.encode_context(uncond),
+                               num_steps=cfg.sample_steps, shift=cfg.sampling.shift,
+                               guidance=cfg.sample_guidance, chunk_sizes=chunks)  # fmt: skip
+    _write_latent_video(x0, cfg, path)
+
+
+def _sample_student_video(model: CausalWanModel, cfg: RunConfig, text: Tensor, path: Path) -> None:
+    from causvid_core.stream import StreamingGenerator
+
+    c, f, h, w = latent_shape(cfg)
+    was_training = model.training
+    model.eval()
+    stream = StreamingGenerator(model, text, (h, w), seed=cfg.seed, sampling=cfg.sampling, causal=cfg.causal)
+    parts, got = [], 0
+    while got < f:
+        parts.append(stream.next_chunk(min(cfg.causal.chunk_frames, f - got)))
+        got += parts[-1].shape[2]
+    model.train(was_training)
+    _write_latent_video(torch.cat(parts, dim=2), cfg, path)
+
+
+# -- entry points --------------------------------------------------------------------------
+RUNNERS: dict[str, Callable[[Any, dist.DistContext], dict[str, Any]]] = {
+    "teacher": run_teacher,
+    "ode-pairs": run_ode_pairs,
+    "ode-init": run_ode_init,
+    "dmd": run_dmd,
+}
+
+
+def run(stage: str, cfg: RunConfig) -> dict[str, Any]:
+    """Run one stage with an already built config (in-process entry point for tests and scripts)."""
+    from .data import run_precompute
+
+    ctx = dist.init_distributed(cfg.device, cfg.fsdp)
+    try:
+        if ctx.is_main:
+            print(f"== {stage} ({stage_name(cfg)}), world size {ctx.world_size}, device {ctx.device}")
+            print(to_json(cfg), flush=True)
+        t0 = time.perf_counter()
+        runner = run_precompute if isinstance(cfg, PrecomputeConfig) else RUNNERS[stage]
+        result = runner(cfg, ctx)
+        _say(ctx, f"== {stage} done in {time.perf_counter() - t0:.1f} s")
+        return result
+    finally:
+        if ctx.distributed:
+            dist.shutdown()
+
+
+USAGE = (
+    "usage: python -m training.distill {precompute,teacher,ode-pairs,ode-init,dmd} [--preset NAME] [--key value ...]\n"
+    "       python -m training.distill STAGE --help   (lists every option)"
+)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``STAGE --preset P --key value ...`` and run the stage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return {}
+    stage = argv[0]
+    if stage not in (*RUNNERS, "precompute"):
+        raise ConfigError(f"unknown stage {stage!r}; {USAGE}")
+    if "--help" in argv or "-h" in argv:
+        print(describe_fields(stage))
+        return {}
+    return run(stage, parse_cli(stage, argv[1:]))
+
+
+def cli() -> int:
+    """Console entry: clear one-line errors instead of tracebacks for bad input and stopped runs."""
+    try:
+        main()
+    except (ConfigError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
