@@ -12,8 +12,8 @@ Pickles are read only with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
