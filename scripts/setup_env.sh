@@ -53,4 +53,6 @@ shutil.rmtree(host / "ComfyUI", ignore_errors=True)
 tmp.rename(host / "ComfyUI")
 PY
 fi
+# Headless Chromium, playwright-core and the newest front end, for the browser tests.
+bash "$here/scripts/setup_browser.sh" "$venv/bin/python" >&2
 echo "$venv"
