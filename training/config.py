@@ -35,7 +35,7 @@ class RunConfig:
     causal: CausalConfig = field(default_factory=CausalConfig)
     # data: 'shapes' renders Shapes videos on the fly; otherwise a folder of latent shards (precompute)
     data: str = "shapes"
-    vae: str = "pool"  # 'pool' (stand-in, no weights), a VAE preset name or a VAE checkpoint path
+    vae: str = "pool"  # 'pool' (stand-in), 'embedded:NAME', a VAE preset name or a VAE checkpoint path
     height: int = 64
     width: int = 64
     num_frames: int = 33  # pixel frames, 1 + 4k
@@ -141,7 +141,7 @@ _COMMON: dict[str, dict[str, Any]] = {
     },
     "shapes": {
         "dit": SHAPES_DIT, "height": 64, "width": 64, "num_frames": 33, "batch_size": 8,
-        "lr": 3e-4, "vae": "shapes", "save_every": 200, "log_every": 10, "sample_every": 500,
+        "lr": 3e-4, "vae": "embedded:shapes", "save_every": 200, "log_every": 10, "sample_every": 500,
     },
     "wan2.1-t2v-1.3b": {
         "dit": PRESETS["wan2.1-t2v-1.3b"].dit, "height": 480, "width": 832, "num_frames": 81,

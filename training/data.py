@@ -75,33 +75,29 @@ class CoreVAECodec:
 
 
 def build_codec(cfg: RunConfig, device: torch.device | str = "cpu") -> LatentCodec:
-    """'pool' or the core VAE: a checkpoint path, or a preset name (random weights, pipeline tests only)."""
+    """'pool', a VAE checkpoint (Wan .pth, ComfyUI/diffusers safetensors) or a VAE preset name
+    (random weights: for pipeline tests only)."""
+    from causvid_core.vae import VAE_PRESETS, WanVAE, load_wan_vae
+
     if cfg.vae == "pool":
         return PoolCodec(cfg.dit.in_dim, cfg.text_seed)
-    try:
-        from causvid_core import vae as core_vae  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError(
-            f"--vae {cfg.vae} needs the core VAE (causvid_core/vae.py), which this checkout lacks; "
-            "use --vae pool for the weight-free stand-in"
-        ) from None
+    if cfg.vae.startswith("embedded:"):
+        from causvid_core.bundle import embedded_file
+
+        try:
+            path = embedded_file(cfg.vae.split(":", 1)[1], "vae")
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        return CoreVAECodec(load_wan_vae(path, device=device))
     if Path(cfg.vae).exists():
-        loader = getattr(core_vae, "load_vae", None)
-        if loader is None:
-            raise ConfigError("causvid_core.vae has no load_vae(path); cannot read " + cfg.vae)
-        vae = loader(cfg.vae)
-        vae = vae[0] if isinstance(vae, tuple) else vae
-    else:
-        presets = getattr(core_vae, "VAE_PRESETS", {})
-        if cfg.vae not in presets:
-            raise ConfigError(
-                f"--vae {cfg.vae!r} is neither a file nor a VAE preset ({', '.join(presets)}) nor 'pool'"
-            )
-        warnings.warn(f"VAE preset {cfg.vae!r} built with random weights: pass a trained checkpoint path",
-                      stacklevel=2)  # fmt: skip
-        cls = getattr(core_vae, "WanVAE", None) or core_vae.CausalVAE  # type: ignore[attr-defined]
-        vae = cls(presets[cfg.vae])
-    return CoreVAECodec(vae.to(device).eval())
+        return CoreVAECodec(load_wan_vae(cfg.vae, device=device))
+    if cfg.vae not in VAE_PRESETS:
+        raise ConfigError(
+            f"--vae {cfg.vae!r} is neither a file nor a VAE preset ({', '.join(VAE_PRESETS)}) nor 'pool'"
+        )
+    warnings.warn(f"VAE preset {cfg.vae!r} built with random weights: pass a trained checkpoint path",
+                  stacklevel=2)  # fmt: skip
+    return CoreVAECodec(WanVAE(VAE_PRESETS[cfg.vae]).to(device).eval())
 
 
 def text_encoder(cfg: RunConfig) -> ShapesTextEncoder:
