@@ -8,7 +8,7 @@ long the video is, the first frames can play while the rest is being made, and a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -267,3 +267,67 @@ def _emit_frames(frames: Tensor, request: RenderRequest, writer: Any, state: Ren
     if writer is not None:
         writer.write(to_uint8_frames(frames))
     state.frames_written += frames.shape[2]
+
+
+def _pad_to(frames: Tensor, length: int) -> Tensor:
+    """Repeat the last frame of [T, H, W, 3] up to ``length`` frames."""
+    if frames.shape[0] >= length:
+        return frames
+    return torch.cat([frames, frames[-1:].expand(length - frames.shape[0], *frames.shape[1:])], dim=0)
+
+
+def restyle(
+    model: CausalWanModel,
+    vae: Any,
+    chunks: Iterable[Tensor],
+    timeline: PromptTimeline,
+    *,
+    strength: float,
+    seed: int = 0,
+    sampling: SamplingConfig | None = None,
+    causal: CausalConfig | None = None,
+    recache_on_switch: bool = True,
+    blend_chunks: int = 0,
+    writer: Any = None,
+    on_chunk: Callable[[ChunkEvent], None] | None = None,
+    on_step: Callable[[int, int, Tensor], None] | None = None,
+    state: RenderState | None = None,
+) -> RenderState:
+    """Stream video-to-video: encode each source chunk (uint8 [t, H, W, 3]), denoise it from ``strength``
+    under the prompts with the causal model, decode and write it.
+
+    Source chunks should be 1 + 4(k - 1) frames first and 4k after (k = chunk_frames, as
+    ``video_io.read_video_chunks`` yields them); a short last chunk is padded and cut again.
+    """
+    from .video_io import uint8_to_vae
+
+    causal = causal or CausalConfig()
+    state = state if state is not None else RenderState()
+    encoder, decoder = vae.stream_encoder(), vae.stream_decoder()
+    gen = None
+    stride = 4
+    for index, chunk in enumerate(chunks):
+        t = chunk.shape[0]
+        need = t if (index == 0 and (t - 1) % stride == 0) or (index > 0 and t % stride == 0) else None
+        if need is None:
+            need = 1 + stride * math.ceil((t - 1) / stride) if index == 0 else stride * math.ceil(t / stride)
+        video = uint8_to_vae(_pad_to(torch.as_tensor(chunk), need)).to(next(model.parameters()).device)
+        latents = encoder.encode(video)
+        if gen is None:
+            gen = StreamingGenerator(
+                model, timeline.changes[0], latent_size=tuple(latents.shape[3:]), seed=seed,
+                sampling=sampling or SamplingConfig(), causal=causal, recache_on_switch=recache_on_switch,
+                callback=on_step,
+            )  # fmt: skip
+        elif index in timeline.changes:
+            gen.set_prompt(timeline.changes[index], blend_chunks=blend_chunks)
+        start = gen.next_frame
+        out = gen.next_chunk(init=latents, strength=strength)
+        frames = decoder.decode(out)[:, :, :t]
+        if writer is not None:
+            writer.write(to_uint8_frames(frames))
+        state.frames_written += frames.shape[2]
+        state.chunks_done = index + 1
+        if on_chunk is not None:
+            on_chunk(ChunkEvent(index, -1, start, out, frames))
+    return state

@@ -12,6 +12,7 @@ from causvid_core.checkpoint import save_model
 from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
 from causvid_core.model import CausalWanModel
 from causvid_core.text import ShapesTextEncoder
+from causvid_core.vae import VAE_PRESETS, WanVAE
 
 
 def make_embedded(root: Path, name: str = "testshapes", seed: int = 0) -> Path:
@@ -28,4 +29,6 @@ def make_embedded(root: Path, name: str = "testshapes", seed: int = 0) -> Path:
     save_model(model, folder / "dit.safetensors", extra_metadata=meta)
     text = ShapesTextEncoder(text_dim=tiny.dit.text_dim, text_len=tiny.dit.text_len, seed=seed)
     save_file(text.state_dict(), str(folder / "text.safetensors"))
+    vae = WanVAE(VAE_PRESETS["tiny"])
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
     return folder

@@ -1,0 +1,157 @@
+"""Our nodes in the real ComfyUI host, in-process: registration, runs to a file, progress, interrupt, errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from causvid_core.video_io import probe_video
+from tests.helpers import make_embedded
+
+NODE_IDS = [
+    "CausVid_LoadModel", "CausVid_LoadVAE", "CausVid_PromptSchedule", "CausVid_Sampler",
+    "CausVid_ImageToVideoSeed", "CausVid_StreamV2V", "CausVid_Decode", "CausVid_RenderVideo",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A tiny random model laid out as embedded:shapes (the trained one is not shipped yet)."""
+    root = tmp_path_factory.mktemp("embedded")
+    make_embedded(root, name="shapes")
+    old = os.environ.get("CAUSVID_EMBEDDED_PATH")
+    os.environ["CAUSVID_EMBEDDED_PATH"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["CAUSVID_EMBEDDED_PATH"]
+    else:
+        os.environ["CAUSVID_EMBEDDED_PATH"] = old
+
+
+def loaders() -> dict:
+    return {
+        "1": {"class_type": "CausVid_LoadModel", "inputs": {
+            "model_name": "embedded:shapes", "precision": "auto", "attention": "auto", "chunk_frames": 0,
+            "denoising_steps": ""}},
+        "2": {"class_type": "CausVid_LoadVAE", "inputs": {"vae_name": "embedded:shapes"}},
+        "3": {"class_type": "CausVid_PromptSchedule", "inputs": {
+            "schedule": "0: a red circle moving right\n1: a blue square moving left", "unit": "chunk",
+            "blend_chunks": 0, "model": ["1", 0]}},
+    }  # fmt: skip
+
+
+def stream(**over) -> dict:
+    base = {"width": 32, "height": 32, "length": 33, "length_unit": "frames", "seed": 0, "kv_window": 2,
+            "kv_sink": 1, "rope_mode": "absolute", "recache_on_switch": True}  # fmt: skip
+    return {**base, **over}
+
+
+def render_prompt(**over) -> dict:
+    p = loaders()
+    p["4"] = {"class_type": "CausVid_RenderVideo", "inputs": {
+        "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "crf": 18, "filename_prefix": "causvid/test",
+        "return_frames": True, **stream(**over)}}  # fmt: skip
+    return p
+
+
+def test_every_node_registers_with_descriptions(host) -> None:
+    import nodes as comfy_nodes
+
+    for node_id in NODE_IDS:
+        cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.CATEGORY.startswith("CausVid/") and len(cls.DESCRIPTION) > 40, node_id
+        assert node_id in comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded) -> None:
+    result = host.execute(render_prompt())
+    assert result.success, result.error
+    path = Path(result.value("4", 1))
+    info = probe_video(path)
+    assert info.frames == 33 and (info.width, info.height) == (32, 32)
+    assert result.value("4", 0).shape == (33, 32, 32, 3)
+    updates = [p for p in result.progress if p["node"] == "4"]
+    assert [u["value"] for u in updates] == [1, 2, 3] and updates[-1][
+        "max"
+    ] == 3  # 9 latent frames = 3 chunks
+    assert result.outputs["4"]["images"][0]["filename"] == path.name
+
+
+def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded) -> None:
+    result = host.execute(render_prompt(length=65), interrupt_after=2)
+    assert result.interrupted
+    files = sorted((host.output_dir / "causvid").glob("test_*.mp4"), key=os.path.getmtime)
+    info = probe_video(files[-1])
+    assert 9 <= info.frames < 65  # the finished chunks, not the whole video
+
+
+def test_sampler_latent_decodes_and_image_seed_starts_the_video(host, embedded) -> None:
+    p = loaders()
+    p["5"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0xFF0000},
+    }
+    p["6"] = {"class_type": "CausVid_ImageToVideoSeed", "inputs": {"image": ["5", 0], "vae": ["2", 0],
+                                                                  "width": 32, "height": 32}}  # fmt: skip
+    p["7"] = {"class_type": "CausVid_Sampler", "inputs": {"model": ["1", 0], "prompts": ["3", 0],
+                                                         "image_seed": ["6", 0], **stream(length=21)}}  # fmt: skip
+    p["8"] = {
+        "class_type": "CausVid_Decode",
+        "inputs": {"vae": ["2", 0], "latent": ["7", 0], "chunk_frames": 3},
+    }
+    p["9"] = {
+        "class_type": "PreviewImage",
+        "inputs": {"images": ["8", 0]},
+    }  # ComfyUI's own node takes our IMAGE
+    result = host.execute(p)
+    assert result.success, result.error
+    latent = result.value("7")["samples"]
+    assert tuple(latent.shape) == (1, 16, 6, 4, 4)  # the image latent + 5 generated frames
+    assert result.value("8").shape == (21, 32, 32, 3)
+
+
+def test_stream_v2v_restyles_every_frame(host, embedded) -> None:
+    p = loaders()
+    p["5"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 40, "height": 36, "batch_size": 14, "color": 0x00FF00},
+    }
+    p["6"] = {"class_type": "CausVid_StreamV2V", "inputs": {
+        "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "strength": 0.6, "width": 32, "height": 32,
+        "seed": 0, "video_path": "", "max_frames": 0, "filename_prefix": "causvid/v2v", "crf": 18,
+        "images": ["5", 0]}}  # fmt: skip
+    result = host.execute(p)
+    assert result.success, result.error
+    assert result.value("6").shape == (14, 32, 32, 3)
+    assert probe_video(result.value("6", 1)).frames == 14
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["4"]["inputs"].update(width=40), "width 40 is not a multiple of 16; use 32 or 48"),
+        (lambda p: p["3"]["inputs"].update(schedule="0: a red circle moving right\n2 a purple x"),
+         r"line 2"),
+        (lambda p: p["2"]["inputs"].update(vae_name="embedded:shapes") or p["1"]["inputs"].update(
+            denoising_steps="fast"), "comma-separated integers"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_fail_with_the_nodes_message(host, embedded, change, message) -> None:
+    import re
+
+    prompt = render_prompt()
+    change(prompt)
+    result = host.execute(prompt)
+    assert not result.success
+    assert re.search(message, result.error), result.error
+
+
+def test_missing_video_file_is_named(host, embedded) -> None:
+    p = loaders()
+    p["6"] = {"class_type": "CausVid_StreamV2V", "inputs": {
+        "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "strength": 0.6, "width": 32, "height": 32,
+        "seed": 0, "video_path": "nowhere.mp4", "max_frames": 0, "filename_prefix": "", "crf": 18}}  # fmt: skip
+    result = host.execute(p)
+    assert "video 'nowhere.mp4' was not found" in (result.error or "")
