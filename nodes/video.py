@@ -16,6 +16,14 @@ from .sampling import context_latents, plan, stream_inputs
 
 _VAES = LRU(size=2)
 
+try:  # ComfyUI's VIDEO type (hosts since mid 2025): the rendered file, for the host's own video nodes
+    from comfy_api.latest import InputImpl
+
+    VideoFromFile = InputImpl.VideoFromFile
+except (ImportError, AttributeError):
+    VideoFromFile = None
+VIDEO_OUTPUT = ("VIDEO",) if VideoFromFile is not None else ()
+
 
 class CausVidLoadVAE:
     DESCRIPTION = (
@@ -132,8 +140,8 @@ class CausVidRenderVideo:
         "chunk. Returns the frames too (IMAGE) for other video nodes."
     )
     CATEGORY = "CausVid/video"
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("images", "path")
+    RETURN_TYPES = ("IMAGE", "STRING", *VIDEO_OUTPUT)
+    RETURN_NAMES = ("images", "path", *(("video",) if VIDEO_OUTPUT else ()))
     OUTPUT_NODE = True
     FUNCTION = "render"
 
@@ -177,7 +185,8 @@ class CausVidRenderVideo:
             "images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],
             "animated": (True,),
         }
-        return {"ui": ui, "result": (images, path)}
+        video = (VideoFromFile(path),) if VideoFromFile is not None else ()
+        return {"ui": ui, "result": (images, path, *video)}
 
 
 class CausVidStreamV2V:

@@ -77,6 +77,8 @@ def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded) ->
         "max"
     ] == 3  # 9 latent frames = 3 chunks
     assert result.outputs["4"]["images"][0]["filename"] == path.name
+    video = result.value("4", 2)  # ComfyUI's own VIDEO type, on hosts that have it (v0.3.75 does)
+    assert video.get_dimensions() == (32, 32) and abs(video.get_duration() - 33 / 16) < 0.1
 
 
 def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded) -> None:
