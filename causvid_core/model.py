@@ -102,7 +102,9 @@ class _AttnPlan:
     write_cache: bool = False
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections with Wan's q/k RMSNorm (names as in Wan's checkpoints)."""
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
@@ -111,6 +113,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(self, x: Tensor, layer: int, plan: _AttnPlan) -> Tensor:
         b, n, _ = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
@@ -133,15 +137,7 @@ class SelfAttention(nn.Module):
         return _linear(self.o, out)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig) -> None:
-        super().__init__()
-        dim = cfg.dim
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(_Projections):
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, Lt, heads, head_dim] of embedded text ``context`` [B, Lt, dim]."""
         b, n, _ = context.shape

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import make_embedded
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import host as host_mod  # noqa: E402  (tests/nodes/host.py, a helper module beside this file)
@@ -78,3 +80,17 @@ def artifacts() -> Path:
     folder = host_mod.ARTIFACTS / "nodes"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random model laid out as embedded:shapes (the trained one is not shipped yet); set in os.environ so HTTP servers started later inherit it."""
+    root = tmp_path_factory.mktemp("embedded")
+    make_embedded(root, name="shapes")
+    old = os.environ.get("CAUSVID_EMBEDDED_PATH")
+    os.environ["CAUSVID_EMBEDDED_PATH"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["CAUSVID_EMBEDDED_PATH"]
+    else:
+        os.environ["CAUSVID_EMBEDDED_PATH"] = old

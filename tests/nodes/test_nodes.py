@@ -8,26 +8,11 @@ from pathlib import Path
 import pytest
 
 from causvid_core.video_io import probe_video
-from tests.helpers import make_embedded
 
 NODE_IDS = [
     "CausVid_LoadModel", "CausVid_LoadVAE", "CausVid_PromptSchedule", "CausVid_Sampler",
     "CausVid_ImageToVideoSeed", "CausVid_StreamV2V", "CausVid_Decode", "CausVid_RenderVideo",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    """A tiny random model laid out as embedded:shapes (the trained one is not shipped yet)."""
-    root = tmp_path_factory.mktemp("embedded")
-    make_embedded(root, name="shapes")
-    old = os.environ.get("CAUSVID_EMBEDDED_PATH")
-    os.environ["CAUSVID_EMBEDDED_PATH"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["CAUSVID_EMBEDDED_PATH"]
-    else:
-        os.environ["CAUSVID_EMBEDDED_PATH"] = old
 
 
 def loaders() -> dict:

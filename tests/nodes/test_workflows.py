@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 import workflow_tools as wt
 
 from causvid_core.video_io import probe_video
-from tests.helpers import make_embedded
 
 WORKFLOWS = h.REPO / "workflows"
 NAMES = sorted(p.name.removesuffix(".api.json") for p in WORKFLOWS.glob("*.api.json"))
@@ -61,20 +59,6 @@ def shrink_ui(ui: dict, object_info: dict) -> dict:
 def output_files(prompt: dict) -> list[str]:
     """Ids of the nodes that write a video (a non-empty filename_prefix)."""
     return [k for k, v in prompt.items() if v["inputs"].get("filename_prefix")]
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny random model as embedded:shapes; set in os.environ so HTTP servers started later inherit it."""
-    root = tmp_path_factory.mktemp("embedded")
-    make_embedded(root, name="shapes")
-    old = os.environ.get("CAUSVID_EMBEDDED_PATH")
-    os.environ["CAUSVID_EMBEDDED_PATH"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["CAUSVID_EMBEDDED_PATH"]
-    else:
-        os.environ["CAUSVID_EMBEDDED_PATH"] = old
 
 
 def copy_samples(input_dir: Path) -> None:
