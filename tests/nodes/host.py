@@ -2,7 +2,7 @@
 
 A helper module for the tests under tests/nodes (not a test file). The package is made visible to the
 host through a symlink ``<tmp>/custom_nodes/comfyui-causvid -> repo``: nothing is written into the repo or
-into the cached host tree. See /work/shared/TEST_HOST.md for how the host runs offline.
+into the cached host tree. See shared/TEST_HOST.md (beside the checkout) for how the host runs offline.
 """
 
 from __future__ import annotations
