@@ -116,6 +116,7 @@ class PrecomputeConfig(RunConfig):
 
     videos: str = "shapes"  # 'shapes' or a folder of mp4 files with captions
     text_embeddings: str | None = None  # safetensors 'context' [N, L, D] + metadata 'captions'
+    text_encoder: str | None = None  # umT5 weights (Wan .pth / ComfyUI safetensors; tokenizer.json beside)
     num_samples: int = 256
     shard_size: int = 64
 

@@ -304,13 +304,22 @@ def _caption_context(cfg: Any, captions: list[str]) -> Tensor:
         if missing:
             raise ConfigError(f"{cfg.text_embeddings} has no embedding for captions {missing[:3]}")
         return torch.stack([table[known.index(c)] for c in captions])
+    if getattr(cfg, "text_encoder", None):
+        from causvid_core.umt5 import UMT5TextEncoder
+
+        encoder = UMT5TextEncoder.load(cfg.text_encoder, dtype=torch.float32)
+        if encoder.text_dim != cfg.dit.text_dim:
+            raise ConfigError(
+                f"--text-encoder gives {encoder.text_dim}-dim features but the model takes {cfg.dit.text_dim}"
+            )
+        return encoder.encode(captions)[:, : cfg.dit.text_len]
     try:
         return text_encoder(cfg).encode(captions)
     except ValueError as err:
         raise ConfigError(
-            f"{err}. Captions outside the Shapes vocabulary need precomputed embeddings: "
-            "--text-embeddings FILE (safetensors 'context' [N, L, D] + metadata 'captions'); "
-            "the umT5 encoder is not built in yet"
+            f"{err}. Captions outside the Shapes vocabulary need a text encoder: --text-encoder "
+            "umt5-xxl-enc.pth (Wan's umT5, tokenizer.json beside it) or --text-embeddings FILE "
+            "(safetensors 'context' [N, L, D] + metadata 'captions')"
         ) from None
 
 

@@ -198,3 +198,33 @@ def test_command_line_prints_a_one_line_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown option --stepz") and "Traceback" not in proc.stderr
+
+
+def test_free_text_captions_go_through_the_umt5_encoder(tmp_path: Path) -> None:
+    """Captions outside the Shapes vocabulary: --text-encoder (Wan umT5 .pth, tokenizer beside it)."""
+    import torch
+
+    from causvid_core.umt5 import UMT5_PRESETS, UMT5TextEncoder
+    from tests.core.test_umt5 import _random_wan_state, _write_tokenizer
+    from training.config import ConfigError
+    from training.logging_utils import write_video
+    from training.shapes import render_video
+
+    enc_dir = tmp_path / "umt5"
+    enc_dir.mkdir()
+    torch.save(_random_wan_state(UMT5_PRESETS["tiny"]), enc_dir / "umt5.pth")
+    _write_tokenizer(enc_dir / "tokenizer.json")
+    videos = tmp_path / "videos"
+    captions = {"a.mp4": "a red cat runs on the grass", "b.mp4": "blue sky !"}
+    for i, name in enumerate(captions):
+        write_video(render_video("a red circle moving right", i, 21, 32), videos / name)
+    (videos / "captions.json").write_text(json.dumps(captions))
+    with pytest.raises(ConfigError, match="need a text encoder: --text-encoder"):
+        run(tmp_path / "no-encoder", "precompute", "--videos", str(videos))
+    out = run(tmp_path, "precompute", "--videos", str(videos), "--text-encoder", str(enc_dir / "umt5.pth"))
+    expected = UMT5TextEncoder.load(enc_dir / "umt5.pth", dtype=torch.float32).encode(list(captions.values()))
+    with safe_open(str(out["written"][0]), "pt") as f:
+        key = next(k for k in f.keys() if "context" in k or "text" in k)
+        assert torch.allclose(
+            f.get_tensor(key).float(), expected[:, :16], atol=1e-5
+        )  # cut to the DiT text_len
