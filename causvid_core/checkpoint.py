@@ -220,7 +220,7 @@ def _read_sharded(index: Path, meta: bool) -> tuple[dict[str, Tensor], dict[str,
     return sd, metadata
 
 
-def _torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``; a pickle that needs code to run is refused."""
     try:
         try:
@@ -308,7 +308,7 @@ def _read_raw(path: Path, meta: bool = False) -> RawCheckpoint:
     elif path.suffix == ".safetensors":
         sd, more = _read_safetensors(path, meta)
     else:
-        sd, layout = _unwrap_pickle(_torch_load(path), path)
+        sd, layout = _unwrap_pickle(safe_torch_load(path), path)
         sd, more = {k: v.to("meta") if meta else v for k, v in sd.items() if isinstance(v, Tensor)}, {}
     metadata = {**more, **metadata}
     sd, prefix, dropped = _strip_prefix(sd)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import _torch_load, diffusers_to_wan_key, wan_to_diffusers_key
+from .checkpoint import diffusers_to_wan_key, safe_torch_load, wan_to_diffusers_key
 from .hub import resolve_source
 
 _ROLES: tuple[tuple[str, str], ...] = (
@@ -62,7 +62,7 @@ def read_lora(source: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = _torch_load(path)
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise LoraError(f"{path} is not a LoRA state dict (a flat dict of tensors)")
     return obj

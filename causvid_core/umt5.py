@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import math
-import pickle
 import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, safe_torch_load
 from .hub import HubDownloadError, local_path, parse_hub_ref, resolve_hub_ref, resolve_source
 
 # Wan2.1's standard negative prompt (``wan/configs/shared_config.py``, ``sample_neg_prompt``).
@@ -273,27 +272,6 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
 
 
-def _load_pickle(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` (memory-mapped when possible); a pickle needing code is refused."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = str(err).splitlines() or [type(err).__name__]
-        reason = next((ln for ln in lines if "GLOBAL" in ln), lines[0])
-        raise CheckpointError(
-            f"refusing to load {path}: this pickle needs to run code to load ({reason.strip()}). Only plain "
-            "tensors are read (torch.load(weights_only=True)) because a pickle can execute arbitrary code. "
-            "Wan's models_t5_umt5-xxl-enc-bf16.pth is a plain state dict; if you trust this file, convert it "
-            "to safetensors once (sd = torch.load(path, weights_only=False); "
-            "safetensors.torch.save_file(sd, 'umt5.safetensors')) and load that."
-        ) from err
-
-
 def _pickle_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
@@ -317,7 +295,7 @@ def _open_tensors(path: Path) -> Iterator[_Tensors]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             yield _Tensors(list(f.keys()), lambda k: tuple(f.get_slice(k).get_shape()), f.get_tensor)
     else:
-        sd = _pickle_state_dict(_load_pickle(path), path)
+        sd = _pickle_state_dict(safe_torch_load(path), path)
         yield _Tensors(list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__)
 
 
