@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from causvid_core.bundle import settings_metadata
 from causvid_core.checkpoint import save_model
-from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
+from causvid_core.config import PRESETS, CausalConfig, DiTConfig, SamplingConfig
 from causvid_core.model import CausalWanModel
 from causvid_core.text import ShapesTextEncoder
 from causvid_core.vae import VAE_PRESETS, WanVAE
@@ -32,3 +32,29 @@ def make_embedded(root: Path, name: str = "testshapes", seed: int = 0) -> Path:
     vae = WanVAE(VAE_PRESETS["tiny"])
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
     return folder
+
+
+def comfy_wan(cfg: DiTConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """ComfyUI's WanModel at ``cfg``'s sizes, built the way model_base.WAN21 builds it (fp32)."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    return comfy.ldm.wan.model.WanModel(
+        model_type="t2v",
+        patch_size=cfg.patch_size,
+        text_len=cfg.text_len,
+        in_dim=cfg.in_dim,
+        dim=cfg.dim,
+        ffn_dim=cfg.ffn_dim,
+        freq_dim=cfg.freq_dim,
+        text_dim=cfg.text_dim,
+        out_dim=cfg.out_dim,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        qk_norm=cfg.qk_norm,
+        cross_attn_norm=cfg.cross_attn_norm,
+        eps=cfg.eps,
+        device=device,
+        dtype=torch.float32,
+        operations=comfy.ops.disable_weight_init,
+    )

@@ -17,36 +17,11 @@ from torch import Tensor, nn
 
 from causvid_core.config import PRESETS, DiTConfig
 from causvid_core.model import CausalWanModel
+from tests.helpers import comfy_wan
 
 CFG: DiTConfig = PRESETS["tiny"].dit  # head_dim 16 -> RoPE parts 8 (frame) / 4 (row) / 4 (column)
 TOL = 1e-4  # relative L2 error, fp32 on CPU
 BATCH, FRAMES, LAT_H, LAT_W = 2, 5, 4, 6  # several frames, non-square latent (grid 5 x 2 x 3)
-
-
-def comfy_wan(cfg: DiTConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """ComfyUI's WanModel at ``cfg``'s sizes, built the way model_base.WAN21 builds it (fp32)."""
-    import comfy.ldm.wan.model
-    import comfy.ops
-
-    return comfy.ldm.wan.model.WanModel(
-        model_type="t2v",
-        patch_size=cfg.patch_size,
-        text_len=cfg.text_len,
-        in_dim=cfg.in_dim,
-        dim=cfg.dim,
-        ffn_dim=cfg.ffn_dim,
-        freq_dim=cfg.freq_dim,
-        text_dim=cfg.text_dim,
-        out_dim=cfg.out_dim,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers,
-        qk_norm=cfg.qk_norm,
-        cross_attn_norm=cfg.cross_attn_norm,
-        eps=cfg.eps,
-        device=device,
-        dtype=torch.float32,
-        operations=comfy.ops.disable_weight_init,
-    )
 
 
 def random_state(model: nn.Module, seed: int) -> dict[str, Tensor]:

@@ -15,35 +15,15 @@ from torch import nn
 
 from causvid_core.config import PRESETS, DiTConfig
 from causvid_core.model import CausalWanModel
+from tests.helpers import comfy_wan
 
 WAN_PRESETS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
 
 
 def comfy_wan_meta(cfg: DiTConfig) -> nn.Module:
     """ComfyUI's WanModel (model_type 't2v') at ``cfg``'s sizes, on the meta device."""
-    import comfy.ldm.wan.model
-    import comfy.ops
-
     with torch.device("meta"):
-        return comfy.ldm.wan.model.WanModel(
-            model_type="t2v",
-            patch_size=cfg.patch_size,
-            text_len=cfg.text_len,
-            in_dim=cfg.in_dim,
-            dim=cfg.dim,
-            ffn_dim=cfg.ffn_dim,
-            freq_dim=cfg.freq_dim,
-            text_dim=cfg.text_dim,
-            out_dim=cfg.out_dim,
-            num_heads=cfg.num_heads,
-            num_layers=cfg.num_layers,
-            qk_norm=cfg.qk_norm,
-            cross_attn_norm=cfg.cross_attn_norm,
-            eps=cfg.eps,
-            device="meta",
-            dtype=torch.float32,
-            operations=comfy.ops.disable_weight_init,
-        )
+        return comfy_wan(cfg, "meta")
 
 
 def ours_meta(cfg: DiTConfig) -> CausalWanModel:
