@@ -8,9 +8,19 @@ command by defining its two functions and calling ``register`` at import time.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, load_bundle
+from .resume import RenderJob
+
+SIZE_META = "causvid_size"  # [width, height] a model was trained at (proposed for bundle.settings_metadata)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,246 @@ register(Subcommand("inspect", "print a checkpoint's layout, config, parameter c
                     _inspect_arguments, _inspect))  # fmt: skip
 
 
+# -- render / generate ------------------------------------------------------------------------
+def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -> None:
+    add = parser.add_argument
+    add(
+        "--model",
+        default="embedded:shapes" if generate else None,
+        help="embedded:NAME, a checkpoint file or folder, or hf://owner/repo/file"
+        + (" (default: embedded:shapes)" if generate else ""),
+    )
+    add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
+    add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
+    add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="one prompt for the whole video")
+    prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
+    add(
+        "--schedule-unit",
+        choices=("second", "chunk", "frame"),
+        default="second",
+        help="unit of schedule times",
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, help="video length in seconds")
+    length.add_argument("--frames", type=int, help="video length in frames")
+    add("--seed", type=int, default=0)
+    add("--out", help="output .mp4 (parent folders are created)")
+    add("--width", type=int, help="multiple of 16 (default: the model's natural size)")
+    add("--height", type=int, help="multiple of 16 (default: the model's natural size)")
+    add("--fps", type=int, help="frames per second (default: the model's)")
+    add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
+    add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
+    add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
+    add("--no-recache", action="store_true", help="keep the cached window as it was at a prompt change")
+    add("--crf", type=int, default=18, help="H.264 quality: lower is better")
+    add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
+    add("--quiet", action="store_true", help="no progress bar")
+    if not generate:
+        add("--resume", metavar="FILE", help="continue an interrupted render (its .mp4 or .mp4.resume)")
+
+
+class _ProgressBar:
+    """One status line on stderr: chunks done/total, frames per second, time left."""
+
+    def __init__(self, total: int, done: int = 0, quiet: bool = False) -> None:
+        self.total, self.done0, self.quiet = total, done, quiet
+        self.start, self.frames = time.perf_counter(), 0
+
+    def update(self, done: int, frames: int) -> None:
+        self.frames += frames
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.start
+        fps = self.frames / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / max(1, done - self.done0) * (self.total - done)
+        bar = "#" * round(24 * done / max(1, self.total))
+        print(f"\r[{bar:<24}] {done}/{self.total} chunks  {fps:5.1f} fps  eta {eta:5.0f} s", end="",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if not self.quiet:
+            print(file=sys.stderr, flush=True)
+
+
+def _render_settings(args: argparse.Namespace) -> dict:
+    """The JSON settings of a new render from the command line, with errors for what is missing."""
+    missing = [name for name, value in (("--model", args.model), ("--out", args.out)) if not value]
+    if not (args.prompt or args.schedule):
+        missing.append("--prompt or --schedule")
+    if args.seconds is None and args.frames is None:
+        missing.append("--seconds or --frames")
+    if missing:
+        raise ValueError(f"render needs {', '.join(missing)} (or --resume FILE to continue a render)")
+    schedule = None
+    if args.schedule:
+        path = Path(args.schedule)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file {path} not found")
+        schedule = path.read_text()
+    return {
+        "model": args.model, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer,
+        "prompt": args.prompt, "schedule": schedule, "schedule_unit": args.schedule_unit,
+        "seconds": args.seconds, "frames": args.frames, "seed": args.seed, "width": args.width,
+        "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
+        "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
+    }  # fmt: skip
+
+
+def _natural_size(bundle) -> tuple[int, int]:
+    """(width, height) a model was made for: its file's causvid_size metadata, else 64x64 for embedded
+    models and 832x480 for Wan checkpoints."""
+    name = str(bundle.name)
+    path = None
+    if name.startswith(EMBEDDED_PREFIX):
+        path = embedded_file(name[len(EMBEDDED_PREFIX) :], "dit")
+    elif Path(name).is_file() and name.endswith(".safetensors"):
+        path = Path(name)
+    if path is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            size = (f.metadata() or {}).get(SIZE_META)
+        if size:
+            width, height = json.loads(size)
+            return int(width), int(height)
+    return (64, 64) if name.startswith(EMBEDDED_PREFIX) else (832, 480)
+
+
+def _check_model_source(source: str) -> None:
+    if source.startswith((EMBEDDED_PREFIX, "hf://")) or Path(source).exists():
+        return
+    known = ", ".join(f"{EMBEDDED_PREFIX}{n}" for n in embedded_names()) or "no embedded models installed"
+    raise FileNotFoundError(
+        f"model {source} not found (known: {known}); give a checkpoint file or folder, or hf://owner/repo/file"
+    )
+
+
+def _vae_path(settings: dict) -> Path:
+    model, vae = settings["model"], settings.get("vae")
+    if not vae:
+        if not model.startswith(EMBEDDED_PREFIX):
+            raise ValueError(f"{model} needs a VAE: pass --vae Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)")
+        vae = model
+    if vae.startswith(EMBEDDED_PREFIX):
+        return embedded_file(vae[len(EMBEDDED_PREFIX) :], "vae")
+    if not Path(vae).is_file():
+        raise FileNotFoundError(
+            f"VAE file {vae} not found: give a Wan2.1 VAE .pth/.safetensors or embedded:NAME"
+        )
+    return Path(vae)
+
+
+def _device(name: str | None) -> torch.device:
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJob:
+    """Load the model, VAE and text encoder of ``settings`` and plan the render; errors before any file."""
+    import dataclasses
+
+    from .pipeline import PromptTimeline, RenderRequest, encode_schedule, seconds_to_frames
+    from .vae import load_wan_vae
+
+    _check_model_source(settings["model"])
+    vae_path = _vae_path(settings)
+    dev = _device(device)
+    bundle = load_bundle(settings["model"], dtype=settings.get("dtype"), device=dev,
+                         chunk_frames=settings.get("chunk_frames"), denoising_steps=settings.get("steps"))  # fmt: skip
+    vae = load_wan_vae(vae_path, device=dev)
+    encoder = bundle.text_encoder
+    if encoder is None:
+        if not settings.get("text_encoder"):
+            raise ValueError(
+                f"{settings['model']} has no text encoder of its own: pass --text-encoder umt5.safetensors"
+            )
+        from .umt5 import UMT5TextEncoder
+
+        encoder = UMT5TextEncoder.load(settings["text_encoder"], settings.get("tokenizer"), device=dev)
+    fps = settings.get("fps") or bundle.fps
+    width, height = _natural_size(bundle)
+    width, height = settings.get("width") or width, settings.get("height") or height
+    frames = settings.get("frames") or seconds_to_frames(settings["seconds"], fps)
+    request = RenderRequest(width, height, frames, seed=settings.get("seed", 0), fps=fps,
+                            blend_chunks=settings.get("blend_chunks", 0),
+                            recache_on_switch=settings.get("recache", True))  # fmt: skip
+
+    def encode(prompt: str) -> torch.Tensor:
+        return encoder.encode([prompt]).to(dev)
+
+    if settings.get("schedule"):
+        schedule = encode_schedule(settings["schedule"], settings.get("schedule_unit", "second"), encode,
+                                   request.blend_chunks)  # fmt: skip
+        timeline = schedule.timeline(fps, bundle.causal)
+    else:
+        timeline = PromptTimeline.single(encode(settings["prompt"]))
+    causal = dataclasses.replace(bundle.causal)
+    return RenderJob(bundle.model, vae, timeline, request, Path(out), sampling=bundle.sampling, causal=causal,
+                     settings=settings, crf=settings.get("crf", 18))  # fmt: skip
+
+
+def job_from_sidecar(path: str | Path, device: str | None = "auto") -> RenderJob:
+    """The job of an interrupted command-line render, rebuilt from the settings in its sidecar."""
+    from .resume import load_sidecar, resolve_resume
+
+    out, sidecar = resolve_resume(path)
+    settings = load_sidecar(sidecar).settings
+    if "model" not in settings or not (settings.get("prompt") or settings.get("schedule")):
+        raise ValueError(f"{sidecar} was written by a node, not the command line: resume it from the node")
+    return build_job(settings, out, device=device)
+
+
+def _render(args: argparse.Namespace, generate: bool = False) -> int:
+    from .pipeline import num_chunks
+    from .resume import render_to_file
+
+    t_load = time.perf_counter()
+    resume = getattr(args, "resume", None)
+    if resume:
+        job = job_from_sidecar(resume, device=args.device)
+    else:
+        out = Path(args.out) if args.out else None
+        if out is not None and out.exists() and not args.overwrite:
+            raise ValueError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+        job = build_job(_render_settings(args), Path(args.out or "."), device=args.device)
+    load_s = time.perf_counter() - t_load
+    context = 0 if job.context_latents is None else job.context_latents.shape[2]
+    bar = _ProgressBar(num_chunks(job.request, job.causal, context), quiet=args.quiet)
+    first: list[float] = []
+
+    def on_chunk(event) -> None:
+        if not first:
+            first.append(time.perf_counter() - bar.start)
+            bar.done0 = event.index
+        bar.update(event.index + 1, 0 if event.frames is None else event.frames.shape[2])
+
+    try:
+        state = render_to_file(job, resume=bool(resume), overwrite=args.overwrite, on_chunk=on_chunk)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: continue with python -m causvid_core render --resume {job.out}", file=sys.stderr)
+        return 130
+    bar.close()
+    elapsed = time.perf_counter() - bar.start
+    print(f"wrote {job.out}: {state.frames_written} frames ({state.frames_written / job.request.fps:.1f} s at "
+          f"{job.request.fps} fps) in {elapsed:.1f} s; model loaded in {load_s:.1f} s")  # fmt: skip
+    if generate and first:
+        print(f"time to first frame: {first[0]:.2f} s (first chunk generated, decoded and written)")
+        print(f"frames per second: {bar.frames / elapsed:.1f} (whole run, decoding and writing included)")
+    return 0
+
+
+register(Subcommand("render", "render a video to an mp4 chunk by chunk (resumable with --resume)",
+                    _render_arguments, _render))  # fmt: skip
+register(Subcommand("generate", "render a prompt to an mp4 and print time to first frame and frames per second",
+                    lambda p: _render_arguments(p, generate=True), lambda a: _render(a, generate=True)))  # fmt: skip
+
+
 # -- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered command."""
@@ -88,10 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; user errors print ``error: ...`` and return 2."""
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .resume import DiskFullError
 
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+    except (CheckpointError, DiskFullError, FileNotFoundError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

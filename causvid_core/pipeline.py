@@ -147,6 +147,27 @@ class ChunkEvent:
     start_frame: int  # first latent frame of the chunk
     latents: Tensor  # [B, C, f, h, w]
     frames: Tensor | None  # [B, 3, T, H, W] in -1..1, when a decoder is given
+    window: list[tuple[int, Tensor]] = field(default_factory=list)  # (start frame, latents) the cache holds
+
+
+class NonFiniteLatentsError(ValueError):
+    """A chunk came out with NaN or Inf: the render stopped before writing it."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed render picks up: the chunks already done and how to rebuild the KV cache.
+
+    ``history`` (the clean latents of every finished chunk, in order) replays each chunk's cache
+    write exactly as the first run did: the continuation is byte-identical. Without it the cache
+    is re-computed from ``window`` (sink + window chunks) alone, which equals the first run's cache
+    only while no chunk has left the window (the keys of deeper layers depend on what each chunk
+    attended to when it was written).
+    """
+
+    chunks_done: int
+    history: Iterator[Tensor] | None = None
+    window: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -167,12 +188,29 @@ def stream_chunks(
     causal: CausalConfig | None = None,
     context_latents: Tensor | None = None,
     on_step: Callable[[int, int, Tensor], None] | None = None,
+    resume: ResumePoint | None = None,
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Yield (chunk index, first latent frame, latents) for the request, switching prompts on the timeline.
 
     With ``context_latents`` (an image latent for image-to-video, or a video to continue) those
-    frames are written into the cache first and count toward the length.
+    frames are written into the cache first and count toward the length. With ``resume`` the
+    first ``resume.chunks_done`` chunks are not generated but restored (see ``ResumePoint``).
     """
+    for index, start, latents, _ in _chunks(model, timeline, request, sampling, causal, context_latents,
+                                            on_step, resume):  # fmt: skip
+        yield index, start, latents
+
+
+def _chunks(
+    model: CausalWanModel,
+    timeline: PromptTimeline,
+    request: RenderRequest,
+    sampling: SamplingConfig | None,
+    causal: CausalConfig | None,
+    context_latents: Tensor | None,
+    on_step: Callable[[int, int, Tensor], None] | None,
+    resume: ResumePoint | None,
+) -> Iterator[tuple[int, int, Tensor, StreamingGenerator]]:
     causal = causal or CausalConfig()
     context_frames = 0 if context_latents is None else context_latents.shape[2]
     if context_frames and causal.first_chunk_frames is not None:
@@ -186,11 +224,28 @@ def stream_chunks(
     if context_latents is not None:
         gen.prefill(context_latents)
     first = causal.first_chunk_frames if not context_frames else None
+    done = 0 if resume is None else resume.chunks_done
     for index, frames in enumerate(chunk_layout(remaining, causal.chunk_frames, first)):
         if index > 0 and index in timeline.changes:
             gen.set_prompt(timeline.changes[index], blend_chunks=request.blend_chunks)
         start = gen.next_frame
-        yield index, start, gen.next_chunk(frames)
+        if index < done:
+            _restore_chunk(gen, frames, resume, last=index == done - 1)
+            continue
+        yield index, start, gen.next_chunk(frames), gen
+
+
+def _restore_chunk(gen: StreamingGenerator, frames: int, resume: ResumePoint, *, last: bool) -> None:
+    """Advance the generator over a finished chunk: replay its cache write, or only its prompt state."""
+    if resume.history is not None:
+        latents = next(resume.history, None)
+        if latents is None or latents.shape[2] != frames:
+            raise ValueError(f"the resume history ends before chunk {gen.chunk_index}: it is incomplete")
+        gen.replay_chunk(latents)
+        return
+    gen.skip_chunk(frames)
+    if last:
+        gen.restore_window(resume.window)
 
 
 def frames_to_generate(request: RenderRequest, context_frames: int = 0) -> int:
@@ -210,6 +265,20 @@ def num_chunks(request: RenderRequest, causal: CausalConfig, context_frames: int
     return len(chunk_layout(frames_to_generate(request, context_frames), causal.chunk_frames, first))
 
 
+def check_length(request: RenderRequest, causal: CausalConfig, context_frames: int = 0) -> None:
+    """Refuse a length below one chunk, naming the shortest length that works."""
+    frames_to_generate(request, context_frames)  # a length the context already covers has its own message
+    first = causal.first_chunk_frames if not context_frames else None
+    need = context_frames + (first or causal.chunk_frames)
+    if request.latent_frames < need:
+        frames = 1 + request.temporal_stride * (need - 1)
+        raise ValueError(
+            f"the length ({request.num_frames} frames) is below one chunk: a chunk is {need - context_frames} "
+            f"latent frames, so ask for at least {frames} frames ({frames / request.fps:.2f} s at "
+            f"{request.fps} fps)"
+        )
+
+
 def render(
     model: CausalWanModel,
     timeline: PromptTimeline,
@@ -224,24 +293,32 @@ def render(
     keep_latents: bool = True,
     state: RenderState | None = None,
     on_step: Callable[[int, int, Tensor], None] | None = None,
+    resume: ResumePoint | None = None,
 ) -> RenderState:
     """Generate, decode and write chunk by chunk; returns what was produced.
 
     ``writer`` is anything with ``write(frames uint8 [T, H, W, 3])`` (see ``video_io``); frames past
     ``request.num_frames`` are cut. If ``on_chunk`` or ``on_step`` (chunk, step, x0) raises (the
     host's interrupt), everything finished before stays written and in ``state``; the exception
-    propagates.
+    propagates. A chunk with NaN/Inf latents stops the render before it is decoded or written
+    (``NonFiniteLatentsError`` names it). With ``resume``, the chunks before ``resume.chunks_done``
+    are restored, not generated or written again (``state`` should carry their counts).
     """
     causal = causal or CausalConfig()
     state = state if state is not None else RenderState()
-    total = num_chunks(request, causal, 0 if context_latents is None else context_latents.shape[2])
-    if context_latents is not None and decoder is not None:
+    context_frames = 0 if context_latents is None else context_latents.shape[2]
+    check_length(request, causal, context_frames)
+    total = num_chunks(request, causal, context_frames)
+    if context_latents is not None and decoder is not None and resume is None:
         _emit_frames(decoder.decode(context_latents), request, writer, state)
-    chunks = stream_chunks(
-        model, timeline, request, sampling=sampling, causal=causal, context_latents=context_latents,
-        on_step=on_step,
-    )  # fmt: skip
-    for index, start, latents in chunks:
+    chunks = _chunks(model, timeline, request, sampling, causal, context_latents, on_step, resume)
+    for index, start, latents, gen in chunks:
+        if not torch.isfinite(latents).all():
+            raise NonFiniteLatentsError(
+                f"chunk {index} came out with NaN/Inf latents: stopped before writing it; the "
+                f"{index} chunks before it ({state.frames_written} frames) are kept. Check the model weights "
+                "and precision (try float32 or bfloat16 instead of float16)"
+            )
         frames = decoder.decode(latents) if decoder is not None else None
         if frames is not None:
             _emit_frames(frames, request, writer, state)
@@ -249,7 +326,7 @@ def render(
             state.latents.append(latents.detach().cpu())
         state.chunks_done = index + 1
         if on_chunk is not None:
-            on_chunk(ChunkEvent(index, total, start, latents, frames))
+            on_chunk(ChunkEvent(index, total, start, latents, frames, gen.window_latents))
     return state
 
 

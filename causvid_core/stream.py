@@ -236,6 +236,31 @@ class StreamingGenerator:
         self._last_used = cond
         return x0
 
+    # -- resume ----------------------------------------------------------------------------
+    def replay_chunk(self, latents: Tensor) -> None:
+        """Advance over a chunk finished in an earlier run: the cache write ``next_chunk`` made for it
+        (re-cache on a prompt switch, then the clean pass), so later chunks come out byte-identical."""
+        self._check_latents(latents)
+        cond = self._conditioning_for_chunk()
+        if self.recache_on_switch and self._last_used is not None and cond is not self._last_used:
+            self.recache(cond)
+        with torch.no_grad():
+            self._write_clean(latents.to(self.device, torch.float32), cond)
+        self.chunk_index += 1
+        self._last_used = cond
+
+    def skip_chunk(self, num_frames: int) -> None:
+        """Advance the chunk counter and prompt state over a chunk without touching the cache."""
+        self._last_used = self._conditioning_for_chunk()
+        self.next_frame += num_frames
+        self.chunk_index += 1
+
+    def restore_window(self, items: list[tuple[int, Tensor]]) -> None:
+        """Rebuild the cache from (start frame, clean latents) of the sink + window chunks (after
+        ``skip_chunk``): exact only while no chunk has left the window, see ``replay_chunk``."""
+        self._window = [_Remembered(start, lat.detach().to("cpu", copy=True)) for start, lat in items]
+        self.recache(self._last_used)
+
     def stream(self, num_chunks: int | None = None) -> Iterator[Tensor]:
         """Yield chunks forever, or ``num_chunks`` of them."""
         produced = 0

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 FRAGMENTED = "frag_keyframe+empty_moov+default_base_moof"
+LOW_LATENCY = FRAGMENTED + "+frag_every_frame"  # with x264's zerolatency: every frame is on disk once written
 
 
 def _check_image(images: Tensor) -> None:
@@ -90,7 +91,9 @@ class VideoWriter:
     default) writes a playable fragment at every keyframe (one per second by default) and flushes it
     to disk, so even a killed process leaves a file holding the fragments written so far. Used as a
     context manager, the encoder is flushed and the file closed when the producer raises, so every
-    frame written before is kept.
+    frame written before is kept. ``low_latency`` (resumable renders) encodes with x264's zerolatency
+    tune (no B-frames, no lookahead) and writes a fragment per frame: when ``write`` returns, every
+    frame given so far is on disk, at a slightly larger file.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class VideoWriter:
         keyframe_interval: int | None = None,
         odd_size: Literal["pad", "crop"] = "pad",
         fragmented: bool = True,
+        low_latency: bool = False,
     ) -> None:
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
@@ -114,7 +118,9 @@ class VideoWriter:
         self.fps = Fraction(fps).limit_denominator(1001)
         self.crf, self.preset, self.odd_size = crf, preset, odd_size
         self.keyframe_interval = keyframe_interval or max(1, round(float(fps)))
-        options = {"movflags": FRAGMENTED, "flush_packets": "1"} if fragmented else {}
+        self.low_latency = low_latency
+        flags = LOW_LATENCY if low_latency else FRAGMENTED
+        options = {"movflags": flags, "flush_packets": "1"} if fragmented or low_latency else {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), mode="w", format="mp4", options=options)
         self._stream = None
@@ -135,6 +141,8 @@ class VideoWriter:
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = self.keyframe_interval
         stream.options = {"crf": str(self.crf), "preset": self.preset}
+        if self.low_latency:
+            stream.options = {**stream.options, "tune": "zerolatency"}
         self._stream, self.input_size = stream, (h, w)
 
     def _fit(self, frame: np.ndarray) -> np.ndarray:
@@ -183,6 +191,34 @@ class VideoWriter:
             self.close()
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
+
+
+def concat_copy(parts: list[tuple[str | Path, int]], out: str | Path, fps: float) -> int:
+    """Join the first ``frames`` frames of each (file, frames) part into ``out`` without re-encoding.
+
+    Parts must come from ``VideoWriter(low_latency=True)`` with the same size and settings (no
+    B-frames, so packet order is frame order). Returns the frames written.
+    """
+    rate = Fraction(fps).limit_denominator(1001)
+    extradata, written = None, 0
+    with av.open(str(out), mode="w", format="mp4") as dst:
+        target = None
+        for path, frames in parts:
+            with _open(path) as src:
+                stream = src.streams.video[0]
+                if target is None:
+                    target, extradata = dst.add_stream_from_template(stream), stream.codec_context.extradata
+                elif stream.codec_context.extradata != extradata:
+                    raise ValueError(f"{Path(path).name} was encoded with other settings: cannot join it")
+                for k, packet in enumerate(p for p in src.demux(stream) if p.size):
+                    if k >= frames:
+                        break
+                    packet.stream, packet.time_base = target, 1 / rate
+                    packet.pts = packet.dts = written
+                    packet.duration = 1
+                    dst.mux(packet)
+                    written += 1
+    return written
 
 
 @dataclass(frozen=True)

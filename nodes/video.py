@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import folder_paths
 import torch
 
 from ..causvid_core.bundle import embedded_file
-from ..causvid_core.pipeline import PromptTimeline, RenderState, num_chunks, render, restyle
+from ..causvid_core.pipeline import PromptTimeline, RenderState, num_chunks, restyle
+from ..causvid_core.resume import RenderJob, render_to_file, resolve_resume
 from ..causvid_core.vae import load_wan_vae
 from ..causvid_core.video_io import VideoWriter, image_to_vae, read_video_chunks, vae_to_image
 from .common import EMBEDDED_MODELS, LRU, Progress, device, file_key, full_path, model_files, preview_image
@@ -129,15 +131,31 @@ def _output_path(prefix: str, width: int, height: int) -> tuple[str, str, str]:
     """A new mp4 path inside the output folder: (full path, file name, subfolder)."""
     out_dir = folder_paths.get_output_directory()
     full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, out_dir, width, height)
-    filename = f"{name}_{counter:05}.mp4"
+    filename = f"{name}_{counter:05}_.mp4"  # the trailing _ is what the host's counter scans for
     return os.path.join(full_dir, filename), filename, subfolder
+
+
+def _resume_target(text: str) -> tuple[str, str, str]:
+    """The interrupted mp4 a resume input names (inside the output folder): (full path, file name, subfolder)."""
+    out_dir = Path(folder_paths.get_output_directory()).resolve()
+    path = Path(text.strip())
+    path = (path if path.is_absolute() else out_dir / path).resolve()
+    if not path.is_relative_to(out_dir):
+        raise ValueError(
+            f"resume path '{text}' is outside ComfyUI's output folder {out_dir}: give the interrupted file "
+            "relative to it, e.g. causvid/video_00001_.mp4"
+        )
+    mp4 = resolve_resume(path)[0]
+    sub = mp4.parent.relative_to(out_dir)
+    return str(mp4), mp4.name, "" if sub == Path() else str(sub)
 
 
 class CausVidRenderVideo:
     DESCRIPTION = (
         "Sample, decode and write an mp4 chunk by chunk: the file grows while the video is made, memory stays "
-        "flat, a preview and progress show per chunk, and Cancel leaves a playable file with every finished "
-        "chunk. Returns the frames too (IMAGE) for other video nodes."
+        "flat, a preview and progress show per chunk, and Cancel (or a crash) leaves a playable file with every "
+        "finished chunk plus a .resume file; put the file's name in 'resume' to finish the same video. Returns "
+        "the frames too (IMAGE) for other video nodes."
     )
     CATEGORY = "CausVid/video"
     RETURN_TYPES = ("IMAGE", "STRING", *VIDEO_OUTPUT)
@@ -158,14 +176,25 @@ class CausVidRenderVideo:
                 "return_frames": ("BOOLEAN", {"default": True,
                                               "tooltip": "off for very long videos: keep only the file"}),
             },
-            "optional": {"image_seed": ("LATENT",), "context": ("LATENT",)},
+            "optional": {
+                "image_seed": ("LATENT",),
+                "context": ("LATENT",),
+                "resume": ("STRING", {"default": "", "tooltip": (
+                    "continue an interrupted render: its .mp4 (or .mp4.resume) in the output folder, e.g. "
+                    "causvid/video_00001_.mp4; every other input must be as it was. Empty: a new video")}),
+            },
         }  # fmt: skip
 
     def render(self, model, vae, prompts, crf, filename_prefix, return_frames, image_seed=None, context=None,
-               **settings):  # fmt: skip
+               resume="", **settings):  # fmt: skip
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
-        path, filename, subfolder = _output_path(filename_prefix, request.width, request.height)
+        if resume.strip():
+            path, filename, subfolder = _resume_target(resume)
+        else:
+            path, filename, subfolder = _output_path(filename_prefix, request.width, request.height)
+        job = RenderJob(model.model, vae, timeline, request, Path(path), sampling=model.sampling, causal=causal,
+                        settings={"model": model.name}, context_latents=ctx, crf=crf)  # fmt: skip
         progress = Progress(num_chunks(request, causal, 0 if ctx is None else ctx.shape[2]))
         frames: list[torch.Tensor] = []
 
@@ -174,12 +203,8 @@ class CausVidRenderVideo:
                 frames.append(vae_to_image(event.frames).cpu())
             progress.chunk_done(event.index + 1, preview_image(event.frames))
 
-        with VideoWriter(path, fps=request.fps, crf=crf) as writer, torch.no_grad():
-            render(
-                model.model, timeline, request, decoder=vae.stream_decoder(), writer=writer, on_chunk=on_chunk,
-                on_step=Progress.step, sampling=model.sampling, causal=causal, context_latents=ctx,
-                keep_latents=False,
-            )  # fmt: skip
+        with torch.no_grad():
+            render_to_file(job, resume=bool(resume.strip()), on_chunk=on_chunk, on_step=Progress.step)
         images = torch.cat(frames, dim=0)[: request.num_frames] if frames else torch.zeros(1, 64, 64, 3)
         ui = {
             "images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],

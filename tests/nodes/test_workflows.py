@@ -163,7 +163,14 @@ def test_browser_loads_workflow_without_missing_nodes(frontend, artifacts: Path,
     page_api = {
         k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in found["api_prompt"].items()
     }
-    assert page_api == load_api(name)  # the page builds the same prompt as the shipped API file
+    expected = load_api(name)
+    diff = {
+        f"{k}.{i}": (page_api.get(k, {}).get("inputs", {}).get(i, "-"), expected.get(k, {}).get("inputs", {}).get(i, "-"))
+        for k in set(page_api) | set(expected)
+        for i in set(page_api.get(k, {}).get("inputs", {})) | set(expected.get(k, {}).get("inputs", {}))
+        if page_api.get(k, {}).get("inputs", {}).get(i, "-") != expected.get(k, {}).get("inputs", {}).get(i, "-")
+    }
+    assert page_api == expected, f"page vs file: {diff}"  # the page builds the same prompt as the shipped API file
 
 
 def test_browser_queues_embedded_text_to_video(frontend, artifacts: Path) -> None:

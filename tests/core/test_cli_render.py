@@ -1,0 +1,175 @@
+"""``python -m causvid_core render`` / ``generate``: a file with every frame, SIGKILL + --resume, guards."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from causvid_core.cli import main
+from causvid_core.resume import load_sidecar, sidecar_path
+from causvid_core.video_io import VideoWriter, probe_video, psnr, read_video
+from tests.helpers import make_embedded
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "a red circle moving right"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models run 10-20x faster on a shared 2-core machine without spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("embedded")
+    make_embedded(root, name="shapes")
+    return root
+
+
+@pytest.fixture
+def env(embedded_root: Path, monkeypatch) -> dict[str, str]:
+    """A tiny random model laid out as embedded:shapes, for this process and its children."""
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(embedded_root))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def render_args(out: Path, *extra: str, frames: int = 33) -> list[str]:
+    return ["render", "--model", "embedded:shapes", "--prompt", PROMPT, "--frames", str(frames), "--seed", "0",
+            "--out", str(out), "--width", "32", "--height", "32", "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_generate_writes_every_frame_and_prints_its_speed(env, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.mp4"
+    argv = [
+        "generate",
+        "--prompt",
+        PROMPT,
+        "--seconds",
+        "2",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    info = probe_video(out)
+    assert info.frames == 32 and (info.width, info.height) == (64, 64)  # 2 s at 16 fps; the model's size
+    assert re.search(r"time to first frame: \d+\.\d\d s", printed.out)
+    assert re.search(r"frames per second: \d+\.\d", printed.out)
+    assert re.search(r"3/3 chunks +\d+\.\d fps +eta +0 s", printed.err)  # 9 latent frames = 3 chunks
+    assert not sidecar_path(out).exists()
+
+
+def test_sigkill_mid_render_leaves_finished_chunks_and_resume_finishes(env, tmp_path: Path, capsys) -> None:
+    frames = 1 + 4 * (3 * 40 - 1)  # 40 chunks: 9 frames, then 12 per chunk
+    assert main(render_args(tmp_path / "ref.mp4", "--quiet", frames=frames)) == 0
+    out = tmp_path / "killed.mp4"
+    cmd = [sys.executable, "-m", "causvid_core", *render_args(out, "--quiet", frames=frames)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if load_sidecar(sidecar_path(out)).chunks_done >= 2:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done = load_sidecar(sidecar_path(out))
+    assert 2 <= done.chunks_done < 40
+    kept = read_video(out)  # opens with PyAV
+    # every finished chunk but the very last frame, which the mp4 muxer writes when the next frame comes
+    # (the sidecar keeps its pixels); plus a whole chunk if the kill fell between its write and its commit
+    committed = done.segments[0][1]
+    assert committed == done.frames_written - 1 and done.pending is not None
+    assert len(kept) in (committed, committed + 12)
+    ref = read_video(tmp_path / "ref.mp4")
+    assert np.array_equal(kept, ref[: len(kept)])
+
+    assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
+    final = read_video(out)
+    assert len(final) == frames and not sidecar_path(out).exists()
+    assert np.array_equal(final[:committed], ref[:committed])
+    assert psnr(final, ref) > 35  # the resumed segment is encoded afresh (it starts on a keyframe)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--width", "40"], r"width 40 is not a multiple of 16; use 32 or 48"),
+        (["--frames", "5"], r"length \(5 frames\) is below one chunk.*at least 9 frames"),
+        (["--model", "missing/dit.safetensors"], r"model missing/dit\.safetensors not found \(known: embedded:shapes"),
+        (["--vae", "missing/vae.pth"], r"VAE file missing/vae\.pth not found"),
+        (["--prompt", "a purple circle"], r"unknown word 'purple'"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_with_its_message_and_no_file(env, tmp_path, capsys, change, message) -> None:
+    out = tmp_path / "sub" / "out.mp4"
+    args = render_args(out)
+    for i in range(0, len(change), 2):  # replace the option's value
+        if change[i] in args:
+            args[args.index(change[i]) + 1] = change[i + 1]
+        else:
+            args += change[i : i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "sub").exists()
+
+
+def test_existing_output_needs_overwrite_and_parents_are_created(env, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "a" / "b" / "out.mp4"
+    assert main(render_args(out, "--quiet")) == 0 and probe_video(out).frames == 33
+    stamp = out.stat().st_mtime_ns
+    assert main(render_args(out, "--quiet")) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
+    assert main(render_args(out, "--quiet", "--overwrite", frames=21)) == 0 and probe_video(out).frames == 21
+
+
+def test_resume_needs_an_interrupted_render(env, tmp_path: Path, capsys) -> None:
+    assert main(["render", "--resume", str(tmp_path / "none.mp4")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["render", "--prompt", PROMPT, "--seconds", "1"]) == 2
+    assert "render needs --model, --out" in capsys.readouterr().err
+
+
+def test_full_disk_exits_2_and_resume_finishes(env, tmp_path: Path, capsys, monkeypatch) -> None:
+    class FullDisk(VideoWriter):
+        def write(self, frames):
+            if self.frames_written >= 21:  # chunk 2 on
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(frames)
+
+    out = tmp_path / "out.mp4"
+    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
+    assert main(render_args(out, "--quiet")) == 2
+    assert re.search(
+        r"error: the disk holding .* is full: stopped after 2 of 3 chunks \(21 frames",
+        capsys.readouterr().err,
+    )
+    assert probe_video(out).frames == 21 and sidecar_path(out).exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    assert main(["render", "--resume", str(sidecar_path(out)), "--device", "cpu", "--quiet"]) == 0
+    assert probe_video(out).frames == 33
