@@ -180,6 +180,8 @@ def load_bundle(
         embedded = name[len(EMBEDDED_PREFIX) :]
         path = embedded_file(embedded, "dit")
         text_encoder = _embedded_text_encoder(embedded)
+        if dtype is None:  # shipped in float16 to stay small; computed in float32 unless asked otherwise
+            dtype = torch.float32
     else:
         path = Path(source) if not name.startswith("hf://") else source
     model, report = load_model(path, dtype=dtype, device=device, lora=lora)

@@ -10,6 +10,8 @@ diffusers' ``AutoencoderKLWan`` files.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from .vae_stream import StreamDecoder, StreamEncoder, Tiling, VAEStreamState, ti
 
 __all__ = [
     "VAE_PRESETS", "WanVAE", "VAEStreamState", "Tiling", "StreamDecoder", "StreamEncoder",
-    "load_wan_vae", "read_state_dict", "infer_vae_config",
+    "load_wan_vae", "read_state_dict", "infer_vae_config", "latent_stats_of",
 ]  # fmt: skip
 
 VAE_PRESETS: dict[str, VAEConfig] = {
@@ -466,8 +468,27 @@ def to_wan_keys(sd: dict[str, Tensor], num_res_blocks: int = 2) -> dict[str, Ten
     return sd
 
 
-def infer_vae_config(sd: dict[str, Tensor]) -> VAEConfig:
-    """VAEConfig of a Wan-layout state dict: widths, z_dim and blocks per stage read from the shapes."""
+def latent_stats_of(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) per latent channel stored in a safetensors' ``causvid_latents`` metadata (our trained
+    VAEs carry them), or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "causvid_latents" not in meta:
+        return None
+    data = json.loads(meta["causvid_latents"])
+    return tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
+
+
+def infer_vae_config(
+    sd: dict[str, Tensor], stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+) -> VAEConfig:
+    """VAEConfig of a Wan-layout state dict: widths, z_dim and blocks per stage read from the shapes;
+    ``stats`` (mean, std) replace Wan2.1's latent statistics."""
     try:
         base_dim = sd["encoder.conv1.weight"].shape[0]
         z_dim = sd["conv2.weight"].shape[0]
@@ -489,6 +510,10 @@ def infer_vae_config(sd: dict[str, Tensor]) -> VAEConfig:
         raise ValueError("encoder and decoder widths disagree: not a Wan2.1 VAE state dict")
     cfg = VAEConfig(z_dim=z_dim, base_dim=base_dim, dim_mult=tuple(mult), num_res_blocks=num_res_blocks,
                     temporal_downsample=temporal)  # fmt: skip
+    if stats is not None:
+        if len(stats[0]) != z_dim or len(stats[1]) != z_dim:
+            raise ValueError(f"the file's latent statistics have {len(stats[0])} channels, its weights {z_dim}")
+        cfg = dataclasses.replace(cfg, latents_mean=stats[0], latents_std=stats[1])
     if z_dim != len(cfg.latents_mean):
         raise ValueError(f"z_dim {z_dim} has no built-in latent statistics; pass a VAEConfig with them")
     return cfg
@@ -520,7 +545,9 @@ def load_wan_vae(
     """Build a WanVAE from a file (Wan .pth, ComfyUI/diffusers .safetensors) or a state dict; every key checked."""
     sd = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
     sd = to_wan_keys(sd, (config or VAEConfig()).num_res_blocks)
-    config = config or infer_vae_config(sd)
+    stats = latent_stats_of(source) if isinstance(source, (str, Path)) else None
+    if config is None:
+        config = infer_vae_config(sd, stats)
     with torch.device("meta"):
         model = WanVAE(config)
     check_state_dict(model, sd)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from causvid_core.config import PRESETS, CausalConfig, DiTConfig, SamplingConfig
+from causvid_core.config import PRESETS, CausalConfig, DiTConfig, SamplingConfig, VAEConfig
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,8 @@ class RunConfig:
     causal: CausalConfig = field(default_factory=CausalConfig)
     # data: 'shapes' renders Shapes videos on the fly; otherwise a folder of latent shards (precompute)
     data: str = "shapes"
-    vae: str = "pool"  # 'pool' (stand-in), 'embedded:NAME', a VAE preset name or a VAE checkpoint path
+    # 'pool' (stand-in), 'run' (this run's vae stage), 'embedded:NAME', a VAE preset or a VAE checkpoint path
+    vae: str = "pool"
     height: int = 64
     width: int = 64
     num_frames: int = 33  # pixel frames, 1 + 4k
@@ -121,7 +122,29 @@ class PrecomputeConfig(RunConfig):
     shard_size: int = 64
 
 
+@dataclass
+class VAETrainConfig(RunConfig):
+    """The Wan-architecture VAE trained on Shapes clips: L1 + MSE reconstruction and a small KL term.
+
+    After the last step the per-channel mean and std of the posterior means over ``stats_samples``
+    clips are stored in the weights' metadata, so ``encode`` gives unit-scale latents for the DiT.
+    """
+
+    arch: VAEConfig = field(default_factory=lambda: VAEConfig(base_dim=16, num_res_blocks=1))
+    clip_frames: int = 9  # pixel frames per training clip, 1 + 4k
+    kl_weight: float = 1e-4
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    object_weight: float = 10.0  # loss weight of object pixels (those far from the background)
+    image_steps: int = 0  # first steps train on single frames (image_batch of them): cheap, diverse
+    image_batch: int = 16
+    warmup_steps: int = 100  # linear lr warm-up; the last 30% of steps decay linearly to 10% of lr
+    skip_grad_norm: float = 20.0  # a step whose gradient norm (before clipping) exceeds this is skipped
+    stats_samples: int = 256
+
+
 STAGE_CONFIGS: dict[str, type[RunConfig]] = {
+    "vae": VAETrainConfig,
     "teacher": TeacherConfig,
     "ode-pairs": OdePairsConfig,
     "ode-init": OdeInitConfig,
@@ -142,7 +165,7 @@ _COMMON: dict[str, dict[str, Any]] = {
     },
     "shapes": {
         "dit": SHAPES_DIT, "height": 64, "width": 64, "num_frames": 33, "batch_size": 8,
-        "lr": 3e-4, "vae": "embedded:shapes", "save_every": 200, "log_every": 10, "sample_every": 500,
+        "lr": 3e-4, "vae": "run", "save_every": 200, "log_every": 10, "sample_every": 500,
     },
     "wan2.1-t2v-1.3b": {
         "dit": PRESETS["wan2.1-t2v-1.3b"].dit, "height": 480, "width": 832, "num_frames": 81,
@@ -151,11 +174,15 @@ _COMMON: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 _STAGE: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
+        "vae": {"arch": PRESETS["tiny"].vae, "clip_frames": 5, "stats_samples": 4},
         "ode-pairs": {"num_samples": 4, "shard_size": 2},
         "dmd": {"steps": 10, "lr": 1e-4, "critic_steps": 2},
         "precompute": {"num_samples": 4, "shard_size": 2},
     },
     "shapes": {
+        "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 1e-4, "grad_clip": 1.0,
+                "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0,
+                "save_every": 100, "sample_every": 500},
         "teacher": {"steps": 3000},
         "ode-pairs": {"num_samples": 512, "shard_size": 64},
         "ode-init": {"steps": 1000, "lr": 1e-4},
@@ -183,6 +210,8 @@ def stage_name(cfg: RunConfig) -> str:
     """The folder name of the stage this config runs; variants are named so they cannot be confused."""
     if isinstance(cfg, TeacherConfig):
         return "teacher-causal" if cfg.kind == "causal" else "teacher"
+    if isinstance(cfg, VAETrainConfig):
+        return "vae"
     if isinstance(cfg, DMDConfig):
         name = "dmd"
         if cfg.skip_ode_init:
@@ -313,6 +342,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--input must be 'ode' or 'data', got {cfg.input!r}")
         if cfg.critic_steps < 1:
             raise ConfigError(f"--critic-steps must be at least 1, got {cfg.critic_steps}")
+    if isinstance(cfg, VAETrainConfig):
+        if (cfg.clip_frames - 1) % 4:
+            raise ConfigError(f"--clip-frames {cfg.clip_frames} must be 1 + 4k, e.g. 9 or 13")
+        if cfg.arch.z_dim != cfg.dit.in_dim:
+            raise ConfigError(
+                f"--arch.z-dim {cfg.arch.z_dim} differs from the DiT's --dit.in-dim {cfg.dit.in_dim}: "
+                "the DiT works on the VAE's latents, so they must match"
+            )
     if isinstance(cfg, OdePairsConfig | PrecomputeConfig) and cfg.shard_size < 1:
         raise ConfigError("--shard-size must be at least 1")
 

@@ -8,6 +8,7 @@ seeds in its metadata; ODE-pair shards hold ``trajectory`` [N, K+1, C, F, h, w] 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -74,13 +75,29 @@ class CoreVAECodec:
         return self.vae.decode(latents)
 
 
+def run_vae_path(cfg: RunConfig) -> Path:
+    """``--vae run``: the VAE this run's ``vae`` stage trained, with the command that makes it if absent."""
+    from .config import stage_dir
+
+    path = stage_dir(dataclasses.replace(cfg, out_dir=None), "vae") / "final.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            f"--vae run: {path} not found; train it first with "
+            f"python -m training.distill vae --preset {cfg.preset} --name {cfg.name} --runs-dir {cfg.runs_dir} "
+            "(or pass --vae PATH / embedded:NAME)"
+        )
+    return path
+
+
 def build_codec(cfg: RunConfig, device: torch.device | str = "cpu") -> LatentCodec:
-    """'pool', a VAE checkpoint (Wan .pth, ComfyUI/diffusers safetensors) or a VAE preset name
-    (random weights: for pipeline tests only)."""
+    """'pool', 'run' (this run's ``vae`` stage), 'embedded:NAME', a VAE checkpoint (Wan .pth,
+    ComfyUI/diffusers safetensors) or a VAE preset name (random weights: for pipeline tests only)."""
     from causvid_core.vae import VAE_PRESETS, WanVAE, load_wan_vae
 
     if cfg.vae == "pool":
         return PoolCodec(cfg.dit.in_dim, cfg.text_seed)
+    if cfg.vae == "run":
+        return CoreVAECodec(load_wan_vae(run_vae_path(cfg), device=device))
     if cfg.vae.startswith("embedded:"):
         from causvid_core.bundle import embedded_file
 

@@ -1,6 +1,6 @@
 """``python -m training.distill STAGE``: CausVid's recipe, stage by stage, one process or ``torchrun``.
 
-Stages (docs/training.md): ``precompute`` (videos -> latent shards), ``teacher`` (bidirectional flow
+Stages (docs/training.md): ``vae`` (the Shapes VAE from scratch), ``precompute`` (videos -> latent shards), ``teacher`` (bidirectional flow
 matching, or a causal teacher with ``--causal``), ``ode-pairs`` (the teacher's 50-step CFG
 trajectories at the student's timesteps), ``ode-init`` (causal student regressed onto x0) and ``dmd``
 (asymmetric distribution matching distillation). All randomness of step s on rank r comes from
@@ -204,8 +204,10 @@ def train_loop(
     log = MetricLog(folder, start) if ctx.is_main else None
     progress = Progress(cfg.steps, start, cfg.log_every, ctx.is_main)
     stopped = False
+    wall = log.rows[-1].get("wall_s", 0.0) if log is not None and log.rows else 0.0  # continues on resume
     with StopFlag() as stop:
         for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
             try:
                 metrics = step_fn(step)
             except NonFiniteLoss as err:
@@ -217,8 +219,9 @@ def train_loop(
                     "continue from it with --resume (a lower --lr may help)"
                 ) from None
             done = step + 1
+            wall += time.perf_counter() - t0
             if log is not None:
-                log.add({"step": done, **metrics})
+                log.add({"step": done, **metrics, "wall_s": wall})
             progress.update(done, metrics)
             stopped = dist.any_across_ranks(stop.requested, ctx)
             if done % cfg.save_every == 0 or done == cfg.steps or stopped:
@@ -610,7 +613,14 @@ def _sample_student_video(model: CausalWanModel, cfg: RunConfig, text: Tensor, p
 
 
 # -- entry points --------------------------------------------------------------------------
+def _run_vae(cfg: Any, ctx: dist.DistContext) -> dict[str, Any]:
+    from .vae_stage import run_vae
+
+    return run_vae(cfg, ctx)
+
+
 RUNNERS: dict[str, Callable[[Any, dist.DistContext], dict[str, Any]]] = {
+    "vae": _run_vae,
     "teacher": run_teacher,
     "ode-pairs": run_ode_pairs,
     "ode-init": run_ode_init,
@@ -638,7 +648,7 @@ def run(stage: str, cfg: RunConfig) -> dict[str, Any]:
 
 
 USAGE = (
-    "usage: python -m training.distill {precompute,teacher,ode-pairs,ode-init,dmd} [--preset NAME] [--key value ...]\n"
+    "usage: python -m training.distill {vae,precompute,teacher,ode-pairs,ode-init,dmd} [--preset NAME] [--key value ...]\n"
     "       python -m training.distill STAGE --help   (lists every option)"
 )
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from causvid_core.checkpoint import META_KEY
-from causvid_core.config import ModelPreset, to_dict
+from causvid_core.config import DiTConfig, ModelPreset, to_dict
 
 from . import dist
 from .config import RunConfig, to_json
@@ -71,6 +71,29 @@ class CheckpointManager:
     def __init__(self, folder: Path, stage: str, cfg: RunConfig, ctx: dist.DistContext) -> None:
         self.folder, self.stage, self.cfg, self.ctx = folder, stage, cfg, ctx
 
+    def latent_stats(self) -> tuple[Any, Any]:
+        """(mean, std) of the run's VAE when it is a file with stored statistics (our trained VAEs), so the
+        DiT checkpoints carry the normalisation they were trained with; (None, None) otherwise."""
+        from causvid_core.vae import latent_stats_of
+
+        vae = self.cfg.vae
+        if vae == "run":
+            from .data import run_vae_path
+
+            try:
+                vae = str(run_vae_path(self.cfg))
+            except ValueError:
+                return None, None
+        if vae.startswith("embedded:"):
+            from causvid_core.bundle import embedded_file
+
+            try:
+                vae = str(embedded_file(vae.split(":", 1)[1], "vae"))
+            except FileNotFoundError:
+                return None, None
+        stats = latent_stats_of(vae) if Path(vae).suffix == ".safetensors" else None
+        return stats if stats is not None else (None, None)
+
     def weights_path(self, prefix: str, step: int) -> Path:
         return self.folder / f"{prefix}_{step:06d}.safetensors"
 
@@ -84,11 +107,15 @@ class CheckpointManager:
 
     def metadata(self, model: nn.Module, step: int) -> dict[str, Any]:
         cfg = self.cfg
+        if not isinstance(model.config, DiTConfig):  # the VAE stage
+            from .vae_stage import vae_metadata
+
+            return vae_metadata(model, self.stage, step, to_json(cfg))
         preset = ModelPreset(name=cfg.preset, dit=model.config, sampling=cfg.sampling, causal=cfg.causal)
         try:  # streaming defaults that causvid_core.bundle reads back (sampling list, chunks, fps)
             from causvid_core.bundle import settings_metadata
 
-            settings = settings_metadata(cfg.sampling, cfg.causal, 16)
+            settings = settings_metadata(cfg.sampling, cfg.causal, 16, *self.latent_stats())
         except ImportError:
             settings = {}
         return {

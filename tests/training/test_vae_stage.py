@@ -1,0 +1,79 @@
+"""The ``vae`` stage: trains, stores latent statistics the rest of the recipe and the bundle read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from causvid_core.bundle import LATENTS_META
+from causvid_core.vae import latent_stats_of, load_wan_vae
+from training import distill
+from training.config import ConfigError, make_config
+from training.data import build_codec
+from training.shapes import ShapesDataset, render_video, to_model_range
+from training.vae_stage import LATENTS_META as STAGE_META
+from training.vae_stage import pixel_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny models run many times faster beside another busy process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_metadata_key_matches_the_bundle() -> None:
+    assert STAGE_META == LATENTS_META
+
+
+def test_vae_stage_learns_and_stores_latent_statistics(tmp_path) -> None:
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "40", "save_every": "40",
+                                      "lr": "3e-3", "stats_samples": "8", "clip_frames": "5",
+                                      "warmup_steps": "5"})  # fmt: skip
+    assert cfg.data_size == 2  # the tiny preset cycles over two clips: the loss must fall on them
+    result = distill.run("vae", cfg)
+    rows = result["rows"]
+    first = np.mean([r["psnr"] for r in rows[:5]])
+    last = np.mean([r["psnr"] for r in rows[-5:]])
+    assert last > first + 3.0, (first, last)  # reconstruction improves (dB)
+    assert all("wall_s" in r for r in rows) and rows[-1]["wall_s"] > rows[0]["wall_s"]
+
+    final = tmp_path / "shapes" / "vae" / "final.safetensors"
+    stats = latent_stats_of(final)
+    assert stats is not None and stats == tuple(tuple(v) for v in (result["latents"]["mean"],
+                                                                   result["latents"]["std"]))  # fmt: skip
+    vae = load_wan_vae(final)
+    assert vae.config.latents_mean == stats[0] and vae.config.latents_std == stats[1]
+
+    # The DiT stages see unit-scale latents: normalised latents of fresh clips ~ zero mean, unit std.
+    dit_cfg = make_config("teacher", "tiny", {"runs_dir": str(tmp_path), "vae": "run"})
+    codec = build_codec(dit_cfg)
+    clips = torch.stack([ShapesDataset(cfg.num_frames, cfg.height, seed=99).sample(i)[0] for i in range(8)])
+    z = codec.encode(clips).transpose(0, 1).reshape(16, -1)
+    assert z.mean(1).abs().max() < 0.6 and (z.std(1) - 1).abs().max() < 0.5
+
+
+def test_run_vae_missing_names_the_command(tmp_path) -> None:
+    cfg = make_config("teacher", "tiny", {"runs_dir": str(tmp_path), "vae": "run", "name": "mine"})
+    with pytest.raises(ConfigError, match=r"python -m training.distill vae --preset tiny --name mine"):
+        build_codec(cfg)
+
+
+def test_object_pixels_weigh_more_also_when_the_object_covers_a_corner() -> None:
+    video = to_model_range(render_video("a red square moving right on a white background", 3, 5, 64))[None]
+    video[:, :, :, :10, :10] = torch.tensor([230, 40, 40]).view(1, 3, 1, 1, 1) / 127.5 - 1  # object at a corner
+    w = pixel_weights(video, 10.0)
+    assert w.shape == (1, 1, 5, 64, 64)
+    assert w[0, 0, 0, 0, 0] == 10.0 and w[0, 0, 0, 30, 63] in (1.0, 10.0)
+    frame = video[0, :, 0]
+    background = (frame - 1.0).abs().sum(0) < 1e-6  # pure white pixels
+    assert (w[0, 0, 0][background] == 1.0).all()
+    assert (w[0, 0, 0][~background] == 10.0).float().mean() > 0.9  # anti-aliased edges may fall below 80
+
+
+def test_clip_frames_must_fit_the_time_stride() -> None:
+    with pytest.raises(ConfigError, match="1 \\+ 4k"):
+        make_config("vae", "tiny", {"clip_frames": "6"})

@@ -1,0 +1,193 @@
+"""``python -m training.distill vae``: the Wan-architecture VAE trained from scratch on Shapes clips.
+
+Loss: L1 + ``mse_weight`` * MSE between the clip and its reconstruction from a posterior sample,
+plus ``kl_weight`` * KL(q(z|x) || N(0, 1)) per latent element (keeps the latent space smooth for
+the DiT). Clips are short (``clip_frames``); the causal convolutions make the result valid for any
+length. After the last step the per-channel statistics of the posterior means over
+``stats_samples`` full-length clips go into ``final.safetensors`` (``causvid_latents`` metadata), so
+``encode`` returns unit-scale latents and every later stage and the bundle use the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from causvid_core.vae import VAEStreamState, WanVAE
+
+from . import dist
+from .config import VAETrainConfig
+from .shapes import ShapesDataset
+from .state import Trainable, save_weights
+
+LATENTS_META = "causvid_latents"  # the key causvid_core.bundle reads (kept in sync by a test)
+
+
+def posterior(vae: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu, logvar) of a whole clip [B, 3, T, H, W] -> [B, z, 1 + (T-1)/4, H/8, W/8] each."""
+    state = VAEStreamState("encode")
+    h = vae.conv1(vae.encoder(video, state), state)
+    mu, logvar = h.chunk(2, dim=1)
+    return mu, logvar.clamp(-30.0, 20.0)
+
+
+def pixel_weights(video: Tensor, object_weight: float) -> Tensor:
+    """[B, 1, T, H, W]: ``object_weight`` on pixels farther than 80/255 (RGB) from the clip's background,
+    1 elsewhere. The background is the per-channel median of the first frame's four corners (an object
+    covers at most one corner of a Shapes frame), so the loss does not drown the object in background."""
+    if object_weight == 1.0:
+        return video.new_ones(1)
+    first = video[:, :, 0]
+    corners = torch.stack([first[..., 0, 0], first[..., 0, -1], first[..., -1, 0], first[..., -1, -1]], -1)
+    bg = corners.median(dim=-1).values[:, :, None, None, None]  # [B, 3, 1, 1, 1]
+    far = (video - bg).square().sum(1, keepdim=True) > (2 * 80 / 255) ** 2  # -1..1 range: 80/255 * 2
+    return 1.0 + (object_weight - 1.0) * far.float()
+
+
+def init_posterior(vae: WanVAE, log_std: float = -4.0) -> None:
+    """Start with a narrow posterior (logvar bias 2 * log_std): with Wan's default init the samples are
+    almost pure noise and the decoder learns nothing for hundreds of steps."""
+    with torch.no_grad():
+        vae.conv1.bias[vae.z_dim :] = 2.0 * log_std
+
+
+def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
+    state = VAEStreamState("decode")
+    return vae.decoder(vae.conv2(z, state), state)
+
+
+def vae_loss(vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step)."""
+    mu, logvar = posterior(vae, video)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    recon = reconstruct(vae, z)
+    weight = pixel_weights(video, cfg.object_weight)
+    l1 = ((recon - video).abs() * weight).mean()
+    mse = ((recon - video).square() * weight).mean()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
+    loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
+    plain = (recon.detach() - video).square().mean()
+    psnr = float(10 * torch.log10(4.0 / plain.clamp_min(1e-10)))  # range -1..1: peak 2
+    return loss, {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach()), "psnr": psnr}
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, cfg: VAETrainConfig, batch: int = 8) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means of ``stats_samples`` full-length clips."""
+    data = ShapesDataset(cfg.num_frames, cfg.height, seed=cfg.seed + 7919)  # clips unseen in training
+    dev = next(vae.parameters()).device
+    total = torch.zeros(vae.z_dim, dtype=torch.float64)
+    total_sq = torch.zeros(vae.z_dim, dtype=torch.float64)
+    count = 0
+    for start in range(0, cfg.stats_samples, batch):
+        n = min(batch, cfg.stats_samples - start)
+        video = torch.stack([data.sample(start + k)[0] for k in range(n)]).to(dev)
+        mu = posterior(vae, video)[0].double().transpose(0, 1).reshape(vae.z_dim, -1).cpu()
+        total += mu.sum(1)
+        total_sq += mu.square().sum(1)
+        count += mu.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
+    """Rewrite a VAE safetensors with the latent statistics added to its metadata (atomic)."""
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    meta.pop("format", None)
+    meta[LATENTS_META] = json.dumps({"mean": mean, "std": std})
+    save_weights(load_file(str(path)), path, meta)
+
+
+def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    arch = {k: v for k, v in asdict(vae.config).items() if k not in ("latents_mean", "latents_std")}
+    return {"causvid_vae_config": arch, "causvid_stage": stage, "causvid_step": step,
+            "causvid_training": training_json}  # fmt: skip
+
+
+def lr_factor(step: int, cfg: VAETrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, constant, then a linear decay to 0.1 over the last 30%."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    decay_start = int(0.7 * cfg.steps)
+    if step < decay_start:
+        return warm
+    return warm * (1.0 - 0.9 * (step - decay_start) / max(cfg.steps - decay_start, 1))
+
+
+def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    from .distill import _say, checked, poison, randn, step_generator, train_loop
+
+    dev = ctx.device
+    torch.manual_seed(cfg.seed)
+    raw = WanVAE(cfg.arch).to(dev).train()
+    init_posterior(raw)
+    n = sum(p.numel() for p in raw.parameters())
+    _say(ctx, f"VAE {n / 1e6:.2f}M params, {n * 16 / 2**30:.3f} GiB with grads and AdamW (activations aside)")
+    model = dist.wrap(raw, ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    t = Trainable("step", model, opt, raw)
+    clips = ShapesDataset(cfg.clip_frames, cfg.height, seed=cfg.seed)
+    images = ShapesDataset(1, cfg.height, seed=cfg.seed + 1)  # first frames of fresh videos
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(cfg.seed, step, ctx.rank)
+        data, batch = (images, cfg.image_batch) if step < cfg.image_steps else (clips, cfg.batch_size)
+        first = (step * ctx.world_size + ctx.rank) * batch
+        if cfg.data_size:  # cycle over a fixed set (small reproducible runs)
+            first %= cfg.data_size
+        video = torch.stack([data.sample(first + k)[0] for k in range(batch)]).to(dev)
+        for group in t.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
+        with dist.autocast(ctx, cfg.amp):
+            loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
+                                   video, randn(lat, gen, dev), cfg)  # fmt: skip
+        loss = poison(loss, step, cfg)
+        value = checked("loss", loss, step, cfg, ctx)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(dist.clip_grad(t.model, cfg.grad_clip))
+        skipped = step >= cfg.warmup_steps and not norm < cfg.skip_grad_norm  # large norms are normal early
+        if not skipped:  # a gradient spike (seen with Wan's RMS norms early on) would undo the progress
+            t.opt.step()
+        return {"loss": value, **parts, "grad_norm": norm, "skipped": float(skipped)}
+
+    def sample_fn(step: int, folder: Path) -> None:
+        _reconstruction_video(raw, cfg, folder / "samples" / f"step_{step:06d}.mp4")
+
+    result = train_loop(cfg, ctx, [t], step_fn, sample_fn)
+    if result["final"] and ctx.is_main:
+        raw.eval()
+        mean, std = latent_statistics(raw, cfg)
+        for path in result["final"]:
+            store_statistics(Path(path), mean, std)
+        _say(ctx, f"latent statistics over {cfg.stats_samples} clips: std {min(std):.3f}..{max(std):.3f}; "
+                  f"stored in {result['final'][0]}")  # fmt: skip
+        result["latents"] = {"mean": mean, "std": std}
+    return result
+
+
+@torch.no_grad()
+def _reconstruction_video(vae: WanVAE, cfg: VAETrainConfig, path: Path) -> None:
+    """Source | reconstruction side by side for one full-length clip."""
+    from .logging_utils import write_video
+
+    was = vae.training
+    vae.eval()
+    video = ShapesDataset(cfg.num_frames, cfg.height, seed=cfg.seed + 7919).sample(0)[0][None]
+    dev = next(vae.parameters()).device
+    recon = reconstruct(vae, posterior(vae, video.to(dev))[0]).cpu()
+    vae.train(was)
+    both = torch.cat([video, recon], dim=4)[0].clamp(-1, 1)
+    frames = ((both.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    write_video(np.ascontiguousarray(frames), path, fps=16)
