@@ -187,6 +187,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", type=Path, help="folder of mp4 files with prompts.json or prompts.csv")
     src.add_argument("--ground-truth", type=int, metavar="N", help="score N rendered ground-truth videos")
+    src.add_argument("--model", help="stream videos with a causal student: embedded:NAME or a checkpoint")
+    src.add_argument("--teacher", help="sample videos with a many-step teacher checkpoint (sliding windows)")
+    ap.add_argument("--prompts", type=int, default=64, help="with --model/--teacher: prompts (default 64)")
+    ap.add_argument("--vae", help="VAE weights (default: the embedded model's; needed for checkpoints)")
+    ap.add_argument("--teacher-steps", type=int, default=50, help="Euler steps of --teacher (default 50)")
+    ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale of --teacher (default 6)")
+    ap.add_argument("--causal-chunk", type=int, help="--teacher is block-causal with chunks of this size")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of ground-truth videos (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt set and first video seed")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -200,6 +207,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _model_fn(args: argparse.Namespace) -> Any:
+    """The generator of ``--model`` / ``--teacher`` with its VAE and text encoder."""
+    from causvid_core.bundle import embedded_file
+    from causvid_core.text import ShapesTextEncoder
+    from causvid_core.vae import load_wan_vae
+
+    from . import generators
+
+    source = args.model or ""
+    vae_path = args.vae or (str(embedded_file(source.split(":", 1)[1], "vae")) if source.startswith("embedded:")
+                            else None)  # fmt: skip
+    if vae_path is None:
+        raise SystemExit("--vae PATH is needed with a checkpoint (e.g. runs/shapes/vae/final.safetensors)")
+    vae = load_wan_vae(vae_path)
+    from causvid_core.checkpoint import describe
+
+    cfg = describe(source).config if args.model and not source.startswith("embedded:") else None
+    if args.teacher:
+        cfg = describe(args.teacher).config
+    text = ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0) if cfg is not None else None
+    if args.model:
+        return generators.student(args.model, vae, text=text)
+    return generators.teacher(args.teacher, vae, text, steps=args.teacher_steps, guidance=args.guidance,
+                              causal_chunk=args.causal_chunk)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry: score, print the table, write JSON / PNG; returns the result dict."""
     args = _parse_args(argv)
@@ -209,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = score_items(
             _folder_items(args.videos), drift=drift, window_s=args.window, background=background
         )
+    elif args.model or args.teacher:
+        fn = _model_fn(args)
+        prompts = prompt_set(max(args.prompts, 6), args.seed)[: args.prompts]
+        seeds = [args.seed + i for i in range(len(prompts))]
+        result = evaluate(fn, prompts, seeds, args.seconds, drift=drift, window_s=args.window,
+                          background=background)  # fmt: skip
     else:
         n = args.ground_truth
         if n < 1:

@@ -1,0 +1,162 @@
+"""Ship a trained run as an embedded model: ``python -m training.export --name shapes --to DIR``.
+
+Writes ``DIR/dit.safetensors`` (the distilled causal student), ``vae.safetensors``, ``text.safetensors``
+(the Shapes text encoder table), optionally ``teacher.safetensors``, all in float16 to stay small
+(the bundle computes in float32), and ``MODEL_CARD.md``: every stage's command, configuration, steps,
+wall time and final losses read back from the run folder, plus the evaluation figures when given.
+``DIR`` = ``causvid_core/embedded/shapes`` makes it ``embedded:shapes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from causvid_core.text import ShapesTextEncoder
+
+from .state import save_weights
+
+BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
+STAGES = ("vae", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
+    """Copy a safetensors in float16 (metadata kept, ``extra`` added); returns the written size."""
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+    meta = {k: v for k, v in _meta(src).items() if k != "format"}
+    meta.update(extra or {})
+    save_weights(sd, dst, meta)
+    return dst.stat().st_size
+
+
+def stage_summary(folder: Path) -> dict[str, Any] | None:
+    """Steps, wall time and last metrics of a stage from its log.csv (None when the stage never ran)."""
+    log = folder / "log.csv"
+    if not log.is_file():
+        return None
+    with log.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    last = {k: float(v) for k, v in rows[-1].items() if v not in ("", None)}
+    tail = rows[-max(1, len(rows) // 20) :]  # the last 5% of steps, to smooth per-batch noise
+    means = {k: sum(float(r[k]) for r in tail if r.get(k)) / len(tail) for k in rows[-1] if k != "step"}
+    return {"steps": int(last["step"]), "wall_s": last.get("wall_s", 0.0), "last": means}
+
+
+def _config_of(folder: Path) -> dict[str, Any] | None:
+    final = folder / "final.safetensors"
+    if final.is_file():
+        text = _meta(final).get("causvid_training")
+        if text:
+            return json.loads(text)
+    return None
+
+
+def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None, commands: list[str]) -> str:
+    """MODEL_CARD.md text for a run folder."""
+    lines = [
+        "# embedded:shapes", "",
+        "A small CausVid model for the Shapes domain (../SHAPES.md in the project notes; README), trained "
+        "from scratch on a CPU by this package's own `training/` recipe. It is what a fresh install renders "
+        "with, what the CPU tests run and where the paper's claims are checked in miniature "
+        "(docs/reproduction.md).", "",
+        "## Files", "",
+        "| file | bytes |", "|---|---|",
+        *[f"| {name} | {size:,} |" for name, size in files.items()],
+        f"| total | {sum(files.values()):,} (budget {BUDGET_BYTES:,}) |", "",
+        "Weights are stored in float16; the bundle loads them in float32.", "",
+        "## Recipe", "", "```", *commands, "```", "",
+        "## Stages", "",
+        "| stage | steps | wall time | final metrics (mean of the last 5% of steps) |", "|---|---|---|---|",
+    ]  # fmt: skip
+    total = 0.0
+    configs = {}
+    for stage in STAGES:
+        summary = stage_summary(run / stage)
+        cfg = _config_of(run / stage)
+        if cfg:
+            configs[stage] = cfg
+        if summary is None:
+            continue
+        total += summary["wall_s"]
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k not in ("wall_s", "skipped"))
+        lines.append(f"| {stage} | {summary['steps']} | {summary['wall_s'] / 60:.1f} min | {metrics} |")
+    lines += ["", f"Training wall time of the stages with a step loop: {total / 60:.1f} min on the machine "
+              "named in docs/reproduction.md (data preparation and ODE pairs are listed there).", ""]  # fmt: skip
+    if figures:
+        lines += ["## Figures (Shapes metrics, 0-100)", "", "```", json.dumps(figures, indent=2), "```", ""]
+    lines += ["## Configurations (as saved in the checkpoints; seeds included)", ""]
+    for stage, cfg in configs.items():
+        lines += [f"<details><summary>{stage}</summary>", "", "```json", json.dumps(cfg, indent=1), "```",
+                  "</details>", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
+           figures: dict[str, Any] | None = None, commands: list[str] | None = None) -> dict[str, int]:  # fmt: skip
+    """Write the embedded model folder; returns file sizes. Raises ValueError naming a missing stage."""
+    needed = {"vae": run / "vae" / "final.safetensors", dit_stage: run / dit_stage / "final.safetensors"}
+    if teacher:
+        needed["teacher"] = run / "teacher" / "final.safetensors"
+    for stage, path in needed.items():
+        if not path.is_file():
+            raise ValueError(f"{path} not found: run the '{stage}' stage first (docs/reproduction.md)")
+    out.mkdir(parents=True, exist_ok=True)
+    vae_meta = _meta(needed["vae"])
+    stats = {"causvid_latents": vae_meta["causvid_latents"]} if "causvid_latents" in vae_meta else {}
+    files = {
+        "dit.safetensors": _half(needed[dit_stage], out / "dit.safetensors", stats),
+        "vae.safetensors": _half(needed["vae"], out / "vae.safetensors"),
+    }
+    if teacher:
+        files["teacher.safetensors"] = _half(needed["teacher"], out / "teacher.safetensors", stats)
+    cfg = json.loads(_meta(needed[dit_stage])["causvid_training"])
+    dit = cfg["dit"]
+    text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
+    save_weights({k: v.contiguous() for k, v in text.state_dict().items()}, out / "text.safetensors", {})
+    files["text.safetensors"] = (out / "text.safetensors").stat().st_size
+    if sum(files.values()) > BUDGET_BYTES:
+        raise ValueError(f"the shipped weights take {sum(files.values()):,} bytes, over the 25 MB budget")
+    (out / "MODEL_CARD.md").write_text(model_card(run, files, figures, commands or []))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="shapes")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--to", default=str(Path(__file__).resolve().parents[1] / "causvid_core/embedded/shapes"))
+    parser.add_argument("--dit", default="dmd", help="stage folder of the shipped student (default dmd)")
+    parser.add_argument("--no-teacher", action="store_true", help="do not ship the bidirectional teacher")
+    parser.add_argument("--figures", help="JSON of evaluation figures to put in the model card")
+    parser.add_argument("--commands", help="text file with the recipe's commands, one per line")
+    args = parser.parse_args(argv)
+    figures = json.loads(Path(args.figures).read_text()) if args.figures else None
+    commands = Path(args.commands).read_text().splitlines() if args.commands else []
+    try:
+        files = export(Path(args.runs_dir) / args.name, Path(args.to), args.dit, not args.no_teacher,
+                       figures, commands)  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to}: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in files.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
