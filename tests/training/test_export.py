@@ -1,0 +1,54 @@
+"""Exporting a run as an embedded model: small float16 files the bundle loads, with a model card."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from causvid_core.bundle import load_bundle
+from causvid_core.vae import latent_stats_of, load_wan_vae
+from training import distill
+from training.config import make_config
+from training.export import export
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
+    runs = tmp_path / "runs"
+    common = {"runs_dir": str(runs), "steps": "2", "save_every": "2"}
+    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2"}))
+    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run"}))
+    run = runs / "shapes"
+    (run / "dmd").mkdir()
+    shutil.copy(run / "teacher" / "final.safetensors", run / "dmd" / "final.safetensors")
+
+    out = tmp_path / "embedded" / "exported"
+    files = export(run, out, commands=["python -m training.distill vae ..."])
+    assert set(files) == {"dit.safetensors", "vae.safetensors", "teacher.safetensors", "text.safetensors"}
+    with safe_open(str(out / "dit.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| vae | 2 |" in card and "| teacher | 2 |" in card and "python -m training.distill vae" in card
+
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(out.parent))
+    bundle = load_bundle("embedded:exported")
+    assert next(bundle.model.parameters()).dtype == torch.float32
+    stats = latent_stats_of(run / "vae" / "final.safetensors")
+    assert bundle.latents_mean == stats[0] and bundle.latents_std == stats[1]  # the DiT knows its VAE
+    assert load_wan_vae(out / "vae.safetensors").config.latents_std == stats[1]
+    assert bundle.text_encoder.encode(["a red circle moving right"]).shape[1:] == (16, 32)
+
+
+def test_export_names_the_missing_stage(tmp_path) -> None:
+    with pytest.raises(ValueError, match="run the 'vae' stage first"):
+        export(tmp_path / "nothing", tmp_path / "out")
