@@ -12,6 +12,7 @@ None of these was trained for: the student only ever saw text-to-video with one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -146,8 +147,11 @@ def run_all(model: str, vae_path: str | None = None, n: int = 12, strength: floa
     from causvid_core.vae import load_wan_vae
 
     bundle = load_bundle(model, dtype=torch.float32)
-    if bundle.text_encoder is None:
-        raise ValueError(f"{model} has no Shapes text encoder; use an embedded model")
+    if bundle.text_encoder is None:  # a training checkpoint: the Shapes encoder of its sizes (seed 0)
+        from causvid_core.text import ShapesTextEncoder
+
+        cfg = bundle.model.config
+        bundle = dataclasses.replace(bundle, text_encoder=ShapesTextEncoder(cfg.text_dim, cfg.text_len))
     if vae_path is None:
         if not model.startswith("embedded:"):
             raise ValueError("--vae PATH is needed with a checkpoint")

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The paper's Table 4 and Figure 8 in miniature on Shapes (docs/reproduction.md). Run after
+# scripts/train_shapes.sh (which trains the shared VAE, latents, teacher, ODE pairs, ODE init and ours).
+# Every training stage resumes when the script is run again; evaluations are rewritten.
+#
+#   bash scripts/reproduce_shapes.sh          # figures go to $RUNS/shapes/eval/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+RUNS=${RUNS:-runs}
+RUN="$RUNS/shapes"
+COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
+VAE="$RUN/vae/final.safetensors"
+OUT="$RUN/eval"
+PROMPTS=${PROMPTS:-64}
+DRIFT_PROMPTS=${DRIFT_PROMPTS:-4}
+mkdir -p "$OUT"
+
+stage() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
+
+# Ablation trainings, each with the same step budget as its counterpart in the recipe.
+stage teacher --kind causal --data "$RUN/latents" --resume        # causal many-step teacher
+stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
+stage dmd --teacher-kind causal --resume                          # ODE init + causal teacher
+
+ev() { local name=$1; shift; "$PY" -m training.eval "$@" --vae "$VAE" --json "$OUT/$name.json"; }
+
+# Table 4: 64 prompts covering the vocabulary, 2 s (33 frames, the teacher's training length).
+ev table4-teacher --teacher "$RUN/teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-causal-teacher --teacher "$RUN/teacher-causal/final.safetensors" --causal-chunk 3 \
+   --prompts "$PROMPTS" --seconds 2.0625
+ev table4-no-ode-init --model "$RUN/dmd-no-ode-init/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-ode-init --model "$RUN/ode-init/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-ours --model "$RUN/dmd/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+
+# Figure 8: the three figures per 5 s window over 2 minutes.
+ev drift-teacher --teacher "$RUN/teacher/final.safetensors" --teacher-steps 20 --prompts "$DRIFT_PROMPTS" \
+   --seconds 120 --drift "$OUT/drift-teacher.png"
+ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" \
+   --seconds 120 --drift "$OUT/drift-causal-dmd.png"
+ev drift-ours --model "$RUN/dmd/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
+   --drift "$OUT/drift-ours.png"
+
+# Zero-shot applications of ours.
+"$PY" -m training.zero_shot --model "$RUN/dmd/final.safetensors" --vae "$VAE" --json "$OUT/zero-shot.json"
