@@ -77,3 +77,23 @@ def test_object_pixels_weigh_more_also_when_the_object_covers_a_corner() -> None
 def test_clip_frames_must_fit_the_time_stride() -> None:
     with pytest.raises(ConfigError, match="1 \\+ 4k"):
         make_config("vae", "tiny", {"clip_frames": "6"})
+
+
+def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monkeypatch) -> None:
+    from training import vae_stage
+
+    real = vae_stage.vae_loss
+    calls = {"n": 0}
+
+    def jumpy(vae, video, eps, cfg):
+        loss, parts = real(vae, video, eps, cfg)
+        calls["n"] += 1
+        return (loss * 100 if calls["n"] == 23 else loss), parts  # step 22 (0-based) looks like a cliff
+
+    monkeypatch.setattr(vae_stage, "vae_loss", jumpy)
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "26", "save_every": "26",
+                                      "lr": "1e-3", "stats_samples": "2", "warmup_steps": "2"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    flags = [r["rolled_back"] for r in rows]
+    assert flags[22] == 1.0 and sum(flags) == 1.0  # only the jump, and the steps after it train again
+    assert rows[23]["grad_norm"] > 0 and rows[25]["grad_norm"] > 0
