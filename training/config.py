@@ -140,6 +140,7 @@ class VAETrainConfig(RunConfig):
     image_batch: int = 16
     warmup_steps: int = 100  # linear lr warm-up; the last 30% of steps decay linearly to 10% of lr
     skip_grad_norm: float = 20.0  # a step whose gradient norm (before clipping) exceeds this is skipped
+    guide_steps: int = 0  # pooled-colour guide at full weight this long, then faded out as long again
     rollback_factor: float = 3.0  # loss above this x the median of the last 20: undo the last update
     stats_samples: int = 256
 
@@ -181,8 +182,8 @@ _STAGE: dict[str, dict[str, dict[str, Any]]] = {
         "precompute": {"num_samples": 4, "shard_size": 2},
     },
     "shapes": {
-        "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 3e-5, "grad_clip": 1.0,
-                "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0,
+        "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 5e-5, "grad_clip": 1.0,
+                "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0, "guide_steps": 600,
                 "save_every": 100, "sample_every": 500},
         "teacher": {"steps": 3000},
         "ode-pairs": {"num_samples": 512, "shard_size": 64},

@@ -64,19 +64,51 @@ def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     return vae.decoder(vae.conv2(z, state), state)
 
 
-def vae_loss(vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step)."""
+def vae_loss(
+    vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0
+) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step).
+
+    ``guide`` > 0 adds the pooled-colour guide (see ``guide_weight``): the encoder's means regress onto
+    a fixed 8x8-pooled, 16-channel lift of the frames, and the decoder also reconstructs from that lift.
+    """
     mu, logvar = posterior(vae, video)
     z = mu + torch.exp(0.5 * logvar) * eps
     recon = reconstruct(vae, z)
     weight = pixel_weights(video, cfg.object_weight)
-    l1 = ((recon - video).abs() * weight).mean()
-    mse = ((recon - video).square() * weight).mean()
+
+    def recon_loss(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        l1 = ((out - video).abs() * weight).mean()
+        mse = ((out - video).square() * weight).mean()
+        return cfg.l1_weight * l1 + cfg.mse_weight * mse, l1, mse
+
+    rec, l1, mse = recon_loss(recon)
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
-    loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
+    loss = rec + cfg.kl_weight * kl
+    parts = {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
+    if guide > 0:
+        from .data import PoolCodec
+
+        target = PoolCodec(vae.z_dim, 0).encode(video).to(mu)
+        guide_rec = recon_loss(reconstruct(vae, target))[0]
+        guide_lat = (mu - target).square().mean()
+        loss = loss + guide * (guide_lat + guide_rec)
+        parts |= {"guide_latent": float(guide_lat.detach()), "guide_recon": float(guide_rec.detach())}
     plain = (recon.detach() - video).square().mean()
-    psnr = float(10 * torch.log10(4.0 / plain.clamp_min(1e-10)))  # range -1..1: peak 2
-    return loss, {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach()), "psnr": psnr}
+    parts["psnr"] = float(10 * torch.log10(4.0 / plain.clamp_min(1e-10)))  # range -1..1: peak 2
+    return loss, parts
+
+
+def guide_weight(step: int, cfg: VAETrainConfig) -> float:
+    """1 for the first ``guide_steps``, then linearly to 0 over as many steps.
+
+    Why: trained from scratch at these widths the encoder passes position and brightness but not colour
+    (after 1200 steps every object decoded grey), while a decoder given a colour-carrying latent learns
+    colour within ~200 steps. The guide puts colour into the latent from the start and is then released.
+    """
+    if cfg.guide_steps <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, 2.0 - step / cfg.guide_steps)))
 
 
 @torch.no_grad()
@@ -154,7 +186,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
         with dist.autocast(ctx, cfg.amp):
             loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
-                                   video, randn(lat, gen, dev), cfg)  # fmt: skip
+                                   video, randn(lat, gen, dev), cfg, guide_weight(step, cfg))  # fmt: skip
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == cfg.image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from causvid_core.bundle import LATENTS_META
-from causvid_core.vae import latent_stats_of, load_wan_vae
+from causvid_core.vae import WanVAE, latent_stats_of, load_wan_vae
 from training import distill
 from training.config import ConfigError, make_config
 from training.data import build_codec
@@ -85,8 +85,8 @@ def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monke
     real = vae_stage.vae_loss
     calls = {"n": 0}
 
-    def jumpy(vae, video, eps, cfg):
-        loss, parts = real(vae, video, eps, cfg)
+    def jumpy(*args):
+        loss, parts = real(*args)
         calls["n"] += 1
         return (loss * 100 if calls["n"] == 23 else loss), parts  # step 22 (0-based) looks like a cliff
 
@@ -97,3 +97,17 @@ def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monke
     flags = [r["rolled_back"] for r in rows]
     assert flags[22] == 1.0 and sum(flags) == 1.0  # only the jump, and the steps after it train again
     assert rows[23]["grad_norm"] > 0 and rows[25]["grad_norm"] > 0
+
+
+def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades() -> None:
+    from training.vae_stage import guide_weight, vae_loss
+
+    cfg = make_config("vae", "tiny", {"guide_steps": "10"})
+    assert [guide_weight(s, cfg) for s in (0, 9, 10, 15, 20, 30)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    vae = WanVAE(cfg.arch)
+    video = ShapesDataset(5, 32, seed=1).sample(0)[0][None]
+    eps = torch.zeros(1, 16, 2, 4, 4)
+    plain, parts = vae_loss(vae, video, eps, cfg, 0.0)
+    guided, gparts = vae_loss(vae, video, eps, cfg, 1.0)
+    assert "guide_latent" not in parts and gparts["guide_latent"] > 0
+    assert guided.item() == pytest.approx(plain.item() + gparts["guide_latent"] + gparts["guide_recon"], rel=1e-5)
