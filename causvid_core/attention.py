@@ -8,7 +8,8 @@ Angles are computed in float64 from integer positions, so any frame index works 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +53,16 @@ def rope_angles(
 
 
 class RopeTable:
-    """cos/sin of rope angles for a token grid, cast once to the compute dtype."""
+    """cos/sin of rope angles for a token grid, cast once to the compute dtype.
+
+    ``apply`` rotates each adjacent channel pair as one complex product, (x0 + i x1)(cos + i sin),
+    which is the same arithmetic as the explicit pair formula and many times faster on a CPU.
+    """
 
     def __init__(self, angles: Tensor, dtype: torch.dtype = torch.float32) -> None:
         self.cos = torch.cos(angles).to(dtype)  # [L, D/2]
         self.sin = torch.sin(angles).to(dtype)
+        self.rotation = torch.complex(self.cos.float(), self.sin.float())[None, :, None, :]  # [1, L, 1, D/2]
 
     @classmethod
     def for_frames(
@@ -70,15 +76,43 @@ class RopeTable:
     ) -> RopeTable:
         return cls(rope_angles(frame_positions, height, width, head_dim, theta), dtype)
 
+    @classmethod
+    def cached(
+        cls,
+        frame_positions: Sequence[int],
+        height: int,
+        width: int,
+        head_dim: int,
+        theta: float = 10000.0,
+        device: torch.device | str = "cpu",
+    ) -> RopeTable:
+        """``for_frames`` through a small LRU cache: the steps of a chunk (and every block) share one table."""
+        key = (tuple(frame_positions), height, width, head_dim, theta, str(torch.device(device)))
+        table = _ROPE_CACHE.get(key)
+        if table is None:
+            positions = torch.tensor(key[0], dtype=torch.long, device=device)
+            table = _ROPE_CACHE[key] = cls.for_frames(positions, height, width, head_dim, theta)
+            while len(_ROPE_CACHE) > ROPE_CACHE_SIZE:
+                _ROPE_CACHE.popitem(last=False)
+        else:
+            _ROPE_CACHE.move_to_end(key)
+        return table
+
     def apply(self, x: Tensor) -> Tensor:
         """Rotate adjacent channel pairs of ``x`` [B, L, heads, head_dim]; result in x's dtype."""
         b, n, h, d = x.shape
-        xf = x.float().reshape(b, n, h, d // 2, 2)
-        x0, x1 = xf[..., 0], xf[..., 1]
-        cos = self.cos[None, :, None, :].float()
-        sin = self.sin[None, :, None, :].float()
-        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-        return out.reshape(b, n, h, d).to(x.dtype)
+        if torch.compiler.is_compiling():  # inductor does not generate code for complex products
+            xf = x.float().reshape(b, n, h, d // 2, 2)
+            cos, sin = self.rotation.real, self.rotation.imag
+            out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 0] * sin + xf[..., 1] * cos], -1)
+            return out.reshape(b, n, h, d).to(x.dtype)
+        pairs = torch.view_as_complex(x.float().reshape(b, n, h, d // 2, 2))  # [B, L, heads, D/2]
+        return torch.view_as_real(pairs * self.rotation).reshape(b, n, h, d).to(x.dtype)
+
+
+# Tables kept by ``RopeTable.cached``: a few chunks' worth (absolute positions move on every chunk).
+ROPE_CACHE_SIZE = 16
+_ROPE_CACHE: OrderedDict[tuple, RopeTable] = OrderedDict()
 
 
 def block_causal_frame_mask(

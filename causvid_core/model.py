@@ -13,8 +13,10 @@ attention modes:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +66,51 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()  # bf16 weights: normalise in fp32 too
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """Apply a linear layer in its own dtype."""
-    return layer(x.to(layer.weight.dtype))
+def _linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """Apply a linear layer in its own (compute) dtype."""
+    return layer(x.to(getattr(layer, "compute_dtype", None) or layer.weight.dtype))
+
+
+def _require_cuda(what: str) -> None:
+    """GPU-only options fail on a CPU with the reason and what to use instead."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{what} needs a CUDA GPU and torch.cuda.is_available() is False; on the CPU leave it off "
+            "(use float32 or bfloat16 weights and the eager path)"
+        )
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose weight is stored in float8 (e4m3) with one scale per output row.
+
+    w ~ w8 * scale, scale = max|w_row| / 448 (e4m3's largest value); the weight is expanded to
+    ``compute_dtype`` for each matmul, so only memory shrinks (14B: about 14 GB of weights, not 28).
+    """
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        w8, scale = fp8_quantize(linear.weight.detach())
+        self.register_buffer("weight", w8)  # [out, in] float8_e4m3fn
+        self.register_buffer("scale", scale)  # [out, 1] float32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(compute_dtype))
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = (self.weight.to(torch.float32) * self.scale).to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), weight, self.bias)
+
+
+def fp8_quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric float8 e4m3 quantisation: (w8, scale) with w ~ w8 * scale."""
+    fp8 = torch.float8_e4m3fn
+    amax = weight.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = amax / torch.finfo(fp8).max
+    return (weight.float() / scale).to(fp8), scale
 
 
 @dataclass
@@ -115,15 +156,40 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
+    fused_qkv = False  # one [3*dim, dim] projection instead of three (``set_fused_qkv``)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections q, k, v [B, L, dim]; fused: one matmul against the concatenated weights."""
+        fp8 = isinstance(self.q, FP8Linear)
+        if not self.fused_qkv or fp8 or torch.is_grad_enabled():  # fused: an inference snapshot
+            return _linear(self.q, x), _linear(self.k, x), _linear(self.v, x)
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
+        stamp = tuple((id(t), t._version, t.dtype, t.device) for t in params)
+        if getattr(self, "_fused_stamp", None) != stamp:  # (re)build after loading or editing weights
+            with torch.no_grad():
+                self._fused = (torch.cat(params[:3]), torch.cat(params[3:]))
+            self._fused_stamp = stamp
+        weight, bias = self._fused
+        qkv = F.linear(x.to(weight.dtype), weight, bias)  # [B, L, 3 * dim]
+        return qkv.chunk(3, dim=-1)
+
     def forward(self, x: Tensor, layer: int, plan: _AttnPlan) -> Tensor:
         b, n, _ = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
-        q = self.norm_q(_linear(self.q, x)).view(shape)  # [B, L, heads, head_dim]
-        k = self.norm_k(_linear(self.k, x)).view(shape)
-        v = _linear(self.v, x).view(shape)
+        q, k, v = self._qkv(x)
+        q = self.norm_q(q).view(shape)  # [B, L, heads, head_dim]
+        k = self.norm_k(k).view(shape)
+        v = v.view(shape)
         q, k_rot = plan.rope.apply(q), plan.rope.apply(k)
         cache = plan.cache
-        if cache is not None:
+        views = None
+        if cache is not None and cache.rope_mode == "absolute":
+            views = cache.read_with(layer, k_rot, v)  # ring layout: new keys written in place
+        if views is not None:
+            k_all, v_all = views  # [B, cached + L, heads, head_dim]
+            if plan.write_cache:
+                cache.stage(layer, k_all[:, -n:], v_all[:, -n:])
+        elif cache is not None:
             ck, cv = cache.read(layer)
             if plan.cache_rope is not None:
                 ck = plan.cache_rope.apply(ck)
@@ -188,7 +254,8 @@ class WanBlock(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1), layer, plan)
         x = x + gated(y, gate1)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v).float()
-        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(self.ffn[0].weight.dtype))
+        ffn_dtype = getattr(self.ffn[0], "compute_dtype", None) or self.ffn[0].weight.dtype
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(ffn_dtype))
         return x + gated(y, gate2)
 
 
@@ -232,11 +299,37 @@ class CausalWanModel(nn.Module):
         self.head = Head(cfg)
         self.gradient_checkpointing = False
         self.attn_backend = "auto"
+        self.rope_cache = True  # reuse RoPE tables across steps (identical values; False recomputes)
+        self._rope_override: RopeTable | None = None  # static table while a CUDA graph is captured
 
     def set_attention_backend(self, name: str) -> None:
         """Pick the attention kernel ('auto', 'math', 'flash', 'efficient', 'cudnn'); checked against the device."""
         check_backend(name, self.patch_embedding.weight.device)
         self.attn_backend = name
+
+    # -- speed options (the plain path is the reference; see tests/core/test_speed_options.py) -----
+    def set_fused_qkv(self, enabled: bool = True) -> None:
+        """Project q, k, v of self-attention with one matmul (inference only; same result within 1e-5)."""
+        for block in self.blocks:
+            block.self_attn.fused_qkv = enabled
+
+    def compile_blocks(self, **compile_kwargs: object) -> None:
+        """``torch.compile`` every transformer block (the cache calls stay eager at graph breaks)."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
+    def quantize_fp8(self, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Store the blocks' linear weights in float8 e4m3 (the 14B model in half the memory); GPU only.
+
+        Call it last: a later ``.to(dtype)`` would cast the float8 weights back to ``dtype``.
+        """
+        _require_cuda("fp8 weights")
+        for block in self.blocks:
+            for parent in (block.self_attn, block.cross_attn):
+                for name in ("q", "k", "v", "o"):
+                    setattr(parent, name, FP8Linear(getattr(parent, name), compute_dtype))
+            block.ffn[0] = FP8Linear(block.ffn[0], compute_dtype)
+            block.ffn[2] = FP8Linear(block.ffn[2], compute_dtype)
 
     # -- text ------------------------------------------------------------------------------
     def encode_context(self, context: Tensor) -> CrossKV:
@@ -352,7 +445,6 @@ class CausalWanModel(nn.Module):
         cache: KVCache | None,
         write_cache: bool,
     ) -> _AttnPlan:
-        cfg = self.config
         frames, gh, gw = grid
         mask = cache_rope = None
         if cache is not None:
@@ -367,23 +459,25 @@ class CausalWanModel(nn.Module):
                     f"this chunk has {gh * gw}: allocate the cache for this resolution"
                 )
             if cache.rope_mode == "window":
-                ctx_frames = cache.num_frames
-                cache_rope = (
-                    RopeTable.for_frames(
-                        torch.arange(ctx_frames, device=device), gh, gw, cfg.head_dim, cfg.rope_theta
-                    )
-                    if ctx_frames
-                    else None
-                )
-                start_frame = ctx_frames  # re-indexed inside the window
-        positions = torch.arange(start_frame, start_frame + frames, device=device)
-        rope = RopeTable.for_frames(positions, gh, gw, cfg.head_dim, cfg.rope_theta)
+                # cached keys re-rotated at their place in time order (sink first), in buffer order
+                slots = cache.logical_positions()
+                cache_rope = self._rope(slots, gh, gw, device) if slots else None
+                start_frame = cache.num_frames  # re-indexed inside the window
+        rope = self._rope_override or self._rope(range(start_frame, start_frame + frames), gh, gw, device)
         if chunk_sizes is not None:
             if sum(chunk_sizes) != frames:
                 raise ValueError(f"chunk_sizes {chunk_sizes} sum to {sum(chunk_sizes)}, not {frames} frames")
             fmask = block_causal_frame_mask(chunk_sizes, sink_chunks, window_chunks)
             mask = token_mask(fmask, gh * gw).to(device)
         return _AttnPlan(rope, mask, cache, cache_rope, write_cache)
+
+    def _rope(self, frames: Sequence[int], gh: int, gw: int, device: torch.device) -> RopeTable:
+        """The RoPE table of these frame positions: shared across steps when ``rope_cache`` is on."""
+        cfg = self.config
+        if self.rope_cache:
+            return RopeTable.cached(frames, gh, gw, cfg.head_dim, cfg.rope_theta, device)
+        positions = torch.tensor(list(frames), dtype=torch.long, device=device)
+        return RopeTable.for_frames(positions, gh, gw, cfg.head_dim, cfg.rope_theta)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """[B, L, C*pt*ph*pw] -> [B, C, F*pt, H*ph, W*pw] (Wan's 'fhwpqrc->cfphqwr')."""
@@ -393,3 +487,78 @@ class CausalWanModel(nn.Module):
         x = x.view(b, *grid, pt, ph, pw, c)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+class CudaGraphStep:
+    """The per-chunk forward replayed from a CUDA graph once a ring cache is full (fixed shapes).
+
+    Call it like the model (``sample_chunk`` accepts it as ``model``). Until the window is full, for
+    another cache, or for raw text context it runs the model eagerly. One graph is captured per input
+    shape and prompt; before each replay the inputs and the new chunk's RoPE table are copied into
+    the graph's static tensors, and a cache write commits what the graph wrote in place.
+    """
+
+    def __init__(self, model: CausalWanModel, cache: KVCache) -> None:
+        _require_cuda("CUDA graphs")
+        if cache.layout != "ring" or cache.rope_mode != "absolute":
+            raise ValueError(
+                "CUDA graphs need a KVCache allocated with layout='ring' and rope_mode 'absolute' "
+                "(fixed buffers, keys rotated once); allocate the cache that way or run eagerly"
+            )
+        self.model, self.cache = model, cache
+        self._graphs: dict[tuple, tuple] = {}
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | CrossKV,
+        *,
+        cache: KVCache | None = None,
+        start_frame: int | None = None,
+        write_cache: bool = False,
+    ) -> Tensor:
+        cache = cache or self.cache
+        full = len(cache.chunks) >= cache.sink_chunks + cache.window_chunks  # shapes fixed from here on
+        if cache is not self.cache or not full or not isinstance(context, CrossKV):
+            return self.model(x, t, context, cache=cache, start_frame=start_frame, write_cache=write_cache)
+        start = cache.next_frame if start_frame is None else start_frame
+        frames = x.shape[2]
+        key = (tuple(x.shape), tuple(t.shape), cache.num_tokens, id(context))
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] is not context:
+            entry = self._graphs[key] = self._capture(x, t, context, start)
+        _, graph, x_s, t_s, rope_s, out_s = entry
+        x_s.copy_(x)
+        t_s.copy_(t)
+        _, ph, pw = self.model.config.patch_size
+        table = self.model._rope(range(start, start + frames), x.shape[3] // ph, x.shape[4] // pw, x.device)
+        rope_s.rotation.copy_(table.rotation)
+        graph.replay()
+        if write_cache:
+            cache.commit_tail(start, frames)
+        return out_s.clone()
+
+    def _capture(self, x: Tensor, t: Tensor, context: CrossKV, start: int) -> tuple:
+        """Warm up on a side stream, then capture one forward with static inputs and RoPE table."""
+        x_s, t_s = x.clone(), t.clone()
+        _, ph, pw = self.model.config.patch_size
+        table = self.model._rope(
+            range(start, start + x.shape[2]), x.shape[3] // ph, x.shape[4] // pw, x.device
+        )
+        rope_s = copy.copy(table)
+        rope_s.rotation = table.rotation.clone()
+        self.model._rope_override = rope_s
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model(x_s, t_s, context, cache=self.cache, start_frame=start)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_s = self.model(x_s, t_s, context, cache=self.cache, start_frame=start)
+        finally:
+            self.model._rope_override = None
+        return context, graph, x_s, t_s, rope_s, out_s

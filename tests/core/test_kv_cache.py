@@ -73,3 +73,24 @@ def test_errors_name_the_problem() -> None:
     cache.stage(0, torch.zeros(1, 1), torch.zeros(1, 1))
     with pytest.raises(RuntimeError, match="all 2 layers"):
         cache.commit(9, 3)
+
+
+def test_ring_layout_keeps_the_same_chunks_in_fixed_slots() -> None:
+    """Same chunks as the compact layout; the newest takes the evicted chunk's slot, the sink never moves."""
+    causal = CausalConfig(chunk_frames=3, sink_chunks=1, window_chunks=2)
+    cache = KVCache.allocate(TINY, causal, 1, 4, 4, layout="ring")
+    per_chunk = 3 * cache.tokens_per_frame
+    assert cache.nbytes == KVCache.estimate_bytes(TINY, causal, 1, 4, 4, torch.float32, layout="ring")
+    assert cache.capacity_tokens == 3 * per_chunk  # plus one chunk of room for the chunk being generated
+    for i in range(10):
+        _write_chunk(cache, 3 * i, 3, float(i))
+    assert [c.start_frame for c in cache.chunks] == [0, 24, 27]  # time order, as the compact layout
+    k, v = cache.read(0)
+    slots = [k[:, j * per_chunk : (j + 1) * per_chunk].unique().tolist() for j in range(3)]
+    assert slots == [[0.0], [9.0], [8.0]]  # chunk 9 overwrote chunk 7's slot (slot 1)
+    assert cache.frame_positions().tolist() == [0, 1, 2, 27, 28, 29, 24, 25, 26]
+    assert torch.equal(v, -k)
+    copy = cache.clone()
+    assert copy.offsets == cache.offsets and copy.layout == "ring"
+    cache.reset()
+    assert cache.num_tokens == 0 and cache.offsets == []
