@@ -160,6 +160,13 @@ PRESETS: dict[str, ModelPreset] = {
         vae=VAEConfig(z_dim=16, base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
         causal=CausalConfig(chunk_frames=3, sink_chunks=1, window_chunks=2),
     ),
+    # the embedded Shapes model (embedded:shapes, trained by training/ on ../shared/SHAPES.md): 64x64
+    # video, 16 tokens per latent frame; also the CPU-sized preset of the speed benchmark
+    "shapes": ModelPreset(
+        name="shapes",
+        dit=DiTConfig(dim=192, ffn_dim=512, num_heads=4, num_layers=6, freq_dim=64, text_dim=64, text_len=16),
+        vae=VAEConfig(base_dim=16, num_res_blocks=1),
+    ),
 }
 
 

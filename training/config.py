@@ -130,7 +130,7 @@ class VAETrainConfig(RunConfig):
     clips are stored in the weights' metadata, so ``encode`` gives unit-scale latents for the DiT.
     """
 
-    arch: VAEConfig = field(default_factory=lambda: VAEConfig(base_dim=16, num_res_blocks=1))
+    arch: VAEConfig = field(default_factory=lambda: PRESETS["shapes"].vae)
     clip_frames: int = 9  # pixel frames per training clip, 1 + 4k
     kl_weight: float = 1e-4
     l1_weight: float = 1.0
@@ -155,9 +155,7 @@ STAGE_CONFIGS: dict[str, type[RunConfig]] = {
 }
 
 # Small Shapes model (see SHAPES.md): ~3M parameters, 16 tokens per latent frame at 64x64.
-SHAPES_DIT = DiTConfig(
-    dim=192, ffn_dim=512, num_heads=4, num_layers=6, freq_dim=64, text_dim=64, text_len=16
-)  # fmt: skip
+SHAPES_DIT = PRESETS["shapes"].dit
 
 _COMMON: dict[str, dict[str, Any]] = {
     "tiny": {
