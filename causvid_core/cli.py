@@ -120,6 +120,11 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     add("--crf", type=int, default=18, help="H.264 quality: lower is better")
     add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
+    add(
+        "--speed",
+        default="",
+        help="comma list of speed options: ring, fused_qkv, compile, fp8 (CUDA); default: the reference path",
+    )
     add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--quiet", action="store_true", help="no progress bar")
     if not generate:
@@ -170,6 +175,7 @@ def _render_settings(args: argparse.Namespace) -> dict:
         "seconds": args.seconds, "frames": args.frames, "seed": args.seed, "width": args.width,
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
+        "speed": args.speed,
     }  # fmt: skip
 
 
@@ -235,6 +241,7 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
     dev = _device(device)
     bundle = load_bundle(settings["model"], dtype=settings.get("dtype"), device=dev,
                          chunk_frames=settings.get("chunk_frames"), denoising_steps=settings.get("steps"))  # fmt: skip
+    bundle.model.set_speed(settings.get("speed") or "")
     vae = load_wan_vae(vae_path, device=dev)
     encoder = bundle.text_encoder
     if encoder is None:

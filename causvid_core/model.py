@@ -300,6 +300,7 @@ class CausalWanModel(nn.Module):
         self.gradient_checkpointing = False
         self.attn_backend = "auto"
         self.rope_cache = True  # reuse RoPE tables across steps (identical values; False recomputes)
+        self.cache_layout = "compact"  # KV cache layout StreamingGenerator allocates ("ring": set_speed)
         self._rope_override: RopeTable | None = None  # static table while a CUDA graph is captured
 
     def set_attention_backend(self, name: str) -> None:
@@ -308,6 +309,24 @@ class CausalWanModel(nn.Module):
         self.attn_backend = name
 
     # -- speed options (the plain path is the reference; see tests/core/test_speed_options.py) -----
+    def set_speed(self, options: str | Sequence[str]) -> list[str]:
+        """Turn on speed options by name (a comma list or a sequence; "" or "reference" = the plain path):
+        ``ring`` (KV cache that moves an index, not memory), ``fused_qkv``, ``compile`` (torch.compile of
+        the blocks), ``fp8`` (float8 weights, CUDA only). Returns the options now on."""
+        names = [o.strip() for o in (options.split(",") if isinstance(options, str) else options)]
+        names = [o for o in names if o and o != "reference"]
+        unknown = sorted(set(names) - set(SPEED_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown speed options {unknown}: choose from {', '.join(SPEED_OPTIONS)}")
+        self.cache_layout = "ring" if "ring" in names else "compact"
+        self.set_fused_qkv("fused_qkv" in names)
+        if "fp8" in names:  # matmuls in the model's half dtype (bfloat16 for a float32 model)
+            dtype = self.patch_embedding.weight.dtype
+            self.quantize_fp8(dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        if "compile" in names:
+            self.compile_blocks()
+        return names
+
     def set_fused_qkv(self, enabled: bool = True) -> None:
         """Project q, k, v of self-attention with one matmul (inference only; same result within 1e-5)."""
         for block in self.blocks:
@@ -487,6 +506,9 @@ class CausalWanModel(nn.Module):
         x = x.view(b, *grid, pt, ph, pw, c)
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+
+SPEED_OPTIONS = ("ring", "fused_qkv", "compile", "fp8")
 
 
 class CudaGraphStep:

@@ -75,8 +75,9 @@ class StreamingGenerator:
         self.device, self.dtype = p.device, p.dtype
         h, w = self.latent_size
         self.cache = KVCache.allocate(
-            self.model.config, self.causal, self.batch, h, w, self.device, self.dtype
-        )
+            self.model.config, self.causal, self.batch, h, w, self.device, self.dtype,
+            layout=getattr(self.model, "cache_layout", "compact"),
+        )  # fmt: skip
         self.schedule = FlowSchedule.from_config(self.sampling)
         self.timesteps = denoising_timesteps(self.sampling, self.schedule)
         self.chunk_index = 0  # generated chunks so far

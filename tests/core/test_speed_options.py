@@ -272,3 +272,18 @@ def test_speed_benchmark_reports_every_figure_and_the_plain_output(tmp_path) -> 
         assert res[key] > 0, key
     diff = res["output_diff_vs_plain"]
     assert diff["latent_rel_l2"] <= 1e-5 and diff["frames_rel_l2"] <= 1e-5, diff
+
+
+def test_speed_options_by_name_reach_the_generator(prompt) -> None:
+    """``set_speed`` (the CLI's --speed) switches the generator's cache to the ring and fuses QKV; the
+    stream stays the reference stream; a wrong name lists the right ones."""
+    plain, fast = _model(), _model()
+    assert fast.set_speed("ring, fused_qkv") == ["ring", "fused_qkv"]
+    gen = StreamingGenerator(fast, prompt, latent_size=(4, 4), causal=CAUSAL)
+    assert gen.cache.layout == "ring" and fast.blocks[0].self_attn.fused_qkv
+    a, b = _video(plain, prompt, 6), torch.cat(list(gen.stream(6)), dim=2)
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    fast.set_speed("reference")
+    assert fast.cache_layout == "compact" and not fast.blocks[0].self_attn.fused_qkv
+    with pytest.raises(ValueError, match="choose from ring, fused_qkv, compile, fp8"):
+        fast.set_speed("ring,turbo")
