@@ -1,0 +1,48 @@
+"""Score a Shapes VAE on reconstructions: the Shapes figures (SHAPES.md) of ground-truth videos after an
+encode + decode round trip, against the same figures of the videos themselves.
+
+    python scripts/vae_recon_check.py runs/shapes/vae/final.safetensors [--videos 16] [--frames 33] [--images]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from causvid_core.vae import load_wan_vae
+from causvid_core.video_io import psnr
+from training.metrics import score_video
+from training.shapes import prompt_set, render_video, to_model_range
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("vae")
+    p.add_argument("--videos", type=int, default=16)
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--images", action="store_true", help="round-trip every frame alone (the image phase)")
+    args = p.parse_args()
+    vae = load_wan_vae(args.vae).eval()
+    gt_scores, rec_scores, psnrs = [], [], []
+    for i, prompt in enumerate(prompt_set(args.videos, seed=1)):
+        video = render_video(prompt, seed=1000 + i, num_frames=args.frames)
+        x = to_model_range(video)[None]  # [1, 3, F, H, W]
+        if args.images:  # each frame its own one-frame video: [F, 3, 1, H, W]
+            x = x.permute(2, 1, 0, 3, 4)
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x))
+        rec = rec.permute(2, 1, 0, 3, 4)[0] if args.images else rec[0]
+        rec_u8 = rec.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        gt_scores.append(score_video(video, prompt))
+        rec_scores.append(score_video(rec_u8, prompt))
+        psnrs.append(psnr(video, rec_u8))
+    for name, scores in (("ground truth", gt_scores), ("reconstructed", rec_scores)):
+        mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+        print(f"{name:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in mean.items()))
+    print(f"PSNR {np.mean(psnrs):.2f} dB over {args.videos} videos of {args.frames} frames")
+
+
+if __name__ == "__main__":
+    main()
