@@ -143,6 +143,9 @@ class VAETrainConfig(RunConfig):
     guide_steps: int = 0  # pooled-colour guide at full weight this long, then faded out as long again
     rollback_factor: float = 3.0  # loss above this x the median of the last 20: undo the last update
     stats_samples: int = 256
+    mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
+    decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
+    init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 
 STAGE_CONFIGS: dict[str, type[RunConfig]] = {
@@ -211,7 +214,7 @@ def stage_name(cfg: RunConfig) -> str:
     if isinstance(cfg, TeacherConfig):
         return "teacher-causal" if cfg.kind == "causal" else "teacher"
     if isinstance(cfg, VAETrainConfig):
-        return "vae"
+        return "vae-decoder" if cfg.decoder_only else "vae"
     if isinstance(cfg, DMDConfig):
         name = "dmd"
         if cfg.skip_ode_init:

@@ -25,7 +25,7 @@ from causvid_core.text import ShapesTextEncoder
 from .state import save_weights
 
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
-STAGES = ("vae", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
+STAGES = ("vae", "vae-decoder", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
 
 
 def _meta(path: Path) -> dict[str, str]:
@@ -109,7 +109,10 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
 def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
            figures: dict[str, Any] | None = None, commands: list[str] | None = None) -> dict[str, int]:  # fmt: skip
     """Write the embedded model folder; returns file sizes. Raises ValueError naming a missing stage."""
-    needed = {"vae": run / "vae" / "final.safetensors", dit_stage: run / dit_stage / "final.safetensors"}
+    vae = run / "vae-decoder" / "final.safetensors"  # the fine-tuned decoder (same encoder), when run
+    if not vae.is_file():
+        vae = run / "vae" / "final.safetensors"
+    needed = {"vae": vae, dit_stage: run / dit_stage / "final.safetensors"}
     if teacher:
         needed["teacher"] = run / "teacher" / "final.safetensors"
     for stage, path in needed.items():

@@ -111,3 +111,37 @@ def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades()
     guided, gparts = vae_loss(vae, video, eps, cfg, 1.0)
     assert "guide_latent" not in parts and gparts["guide_latent"] > 0
     assert guided.item() == pytest.approx(plain.item() + gparts["guide_latent"] + gparts["guide_recon"], rel=1e-5)
+
+
+def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> None:
+    """``vae --decoder-only true --mask-weight W``: starts from vae/final, leaves the encoder (so every
+    latent and the stored statistics) untouched, writes vae-decoder/final, and lowers the mask loss."""
+    from safetensors.torch import load_file
+
+    from training.vae_stage import mask_loss
+
+    base = {"runs_dir": str(tmp_path), "save_every": "20", "stats_samples": "8", "clip_frames": "5",
+            "warmup_steps": "2"}  # fmt: skip
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "20", "lr": "3e-3"}))
+    before = load_file(str(tmp_path / "shapes" / "vae" / "final.safetensors"))
+    cfg = make_config("vae", "tiny", {**base, "steps": "30", "lr": "2e-3", "decoder_only": "true",
+                                      "mask_weight": "1", "l1_weight": "0", "mse_weight": "0"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    assert np.mean([r["mask"] for r in rows[-5:]]) < np.mean([r["mask"] for r in rows[:5]])
+    final = tmp_path / "shapes" / "vae-decoder" / "final.safetensors"
+    after = load_file(str(final))
+    encoder = [k for k in before if k.startswith(("encoder.", "conv1."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert latent_stats_of(final) == latent_stats_of(tmp_path / "shapes" / "vae" / "final.safetensors")
+
+    # the loss itself: near zero for the true video (its anti-aliased edge), 20x that for a blurred copy
+    video = to_model_range(render_video("a red triangle moving up", 1, 5, 64))[None]
+    blurred = torch.nn.functional.avg_pool3d(video, (1, 5, 5), 1, (0, 2, 2), count_include_pad=False)
+    assert 20 * mask_loss(video, video) < mask_loss(blurred, video)
+
+
+def test_decoder_fine_tune_needs_a_finished_vae(tmp_path) -> None:
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "decoder_only": "true"})
+    with pytest.raises(ConfigError, match="python -m training.distill vae"):
+        distill.run("vae", cfg)
