@@ -48,6 +48,17 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     assert load_wan_vae(out / "vae.safetensors").config.latents_std == stats[1]
     assert bundle.text_encoder.encode(["a red circle moving right"]).shape[1:] == (16, 32)
 
+    # a fine-tuned decoder (vae-decoder) is what ships once it exists; the card lists its stage
+    distill.run("vae", make_config("vae", "tiny", {**common, "decoder_only": "true", "mask_weight": "1"}))
+    export(run, out, commands=[])
+    tuned = load_wan_vae(run / "vae-decoder" / "final.safetensors").state_dict()
+    shipped = load_wan_vae(out / "vae.safetensors").state_dict()
+    key = next(k for k in tuned if k.startswith("decoder.") and k.endswith("weight"))
+    first = load_wan_vae(run / "vae" / "final.safetensors").state_dict()
+    assert not torch.equal(first[key].half(), tuned[key].half())
+    assert torch.equal(shipped[key], tuned[key].half().float())
+    assert "| vae-decoder | 2 |" in (out / "MODEL_CARD.md").read_text()
+
 
 def test_export_names_the_missing_stage(tmp_path) -> None:
     with pytest.raises(ValueError, match="run the 'vae' stage first"):
