@@ -76,6 +76,12 @@ def _linear(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x.to(getattr(layer, "compute_dtype", None) or layer.weight.dtype))
 
 
+def _version(t: Tensor) -> int:
+    """In-place edit counter of a tensor; -1 for inference tensors (ComfyUI runs nodes under
+    ``torch.inference_mode``), which keep none: their weights are loaded, and merged, before any forward."""
+    return -1 if t.is_inference() else t._version
+
+
 def _require_cuda(what: str) -> None:
     """GPU-only options fail on a CPU with the reason and what to use instead."""
     if not torch.cuda.is_available():
@@ -164,7 +170,7 @@ class SelfAttention(_Projections):
         if not self.fused_qkv or fp8 or torch.is_grad_enabled():  # fused: an inference snapshot
             return _linear(self.q, x), _linear(self.k, x), _linear(self.v, x)
         params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
-        stamp = tuple((id(t), t._version, t.dtype, t.device) for t in params)
+        stamp = tuple((id(t), _version(t), t.dtype, t.device) for t in params)
         if getattr(self, "_fused_stamp", None) != stamp:  # (re)build after loading or editing weights
             with torch.no_grad():
                 self._fused = (torch.cat(params[:3]), torch.cat(params[3:]))

@@ -46,12 +46,14 @@ class CausVidLoadModel:
                 "hf_reference": ("STRING", {"default": "", "tooltip": "hf://owner/repo/path; overrides model_name"}),
                 "lora_name": (["None"] + model_files("loras"), {"default": "None"}),
                 "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "speed": ("STRING", {"default": "", "tooltip": "speed options, comma list: ring, fused_qkv, "
+                                     "compile, fp8 (CUDA); empty = the reference path"}),
             },
         }  # fmt: skip
 
     def load(
         self, model_name, precision, attention, chunk_frames, denoising_steps,
-        hf_reference="", lora_name="None", lora_strength=1.0,
+        hf_reference="", lora_name="None", lora_strength=1.0, speed="",
     ):  # fmt: skip
         dev = device()
         if hf_reference.strip():
@@ -61,15 +63,18 @@ class CausVidLoadModel:
         else:
             source = full_path(model_name, "diffusion_models", "causvid")
         lora = [(full_path(lora_name, "loras"), lora_strength)] if lora_name != "None" else None
-        key = (file_key(source), precision, attention, chunk_frames, denoising_steps, str(lora), str(dev))
-        bundle = _MODELS.get(
-            key,
-            lambda: load_bundle(
+        key = (file_key(source), precision, attention, chunk_frames, denoising_steps, str(lora), str(dev),
+               speed.strip())  # fmt: skip
+
+        def build():
+            bundle = load_bundle(
                 source, dtype=_precision(precision, dev), device=dev, attention=attention,
                 chunk_frames=chunk_frames or None, denoising_steps=denoising_steps.strip() or None, lora=lora,
-            ),
-        )  # fmt: skip
-        return (bundle,)
+            )  # fmt: skip
+            bundle.model.set_speed(speed)
+            return bundle
+
+        return (_MODELS.get(key, build),)
 
 
 NODE_CLASS_MAPPINGS = {"CausVid_LoadModel": CausVidLoadModel}

@@ -287,3 +287,13 @@ def test_speed_options_by_name_reach_the_generator(prompt) -> None:
     assert fast.cache_layout == "compact" and not fast.blocks[0].self_attn.fused_qkv
     with pytest.raises(ValueError, match="choose from ring, fused_qkv, compile, fp8"):
         fast.set_speed("ring,turbo")
+
+
+def test_fused_qkv_runs_under_inference_mode(prompt) -> None:
+    """ComfyUI loads and runs models under torch.inference_mode, whose tensors have no version counter."""
+    plain = _model()
+    with torch.inference_mode():
+        fused = _model()  # weights made as inference tensors, as in the host
+        fused.set_fused_qkv(True)
+        a, b = _video(plain, prompt, 4), _video(fused, prompt, 4)
+    assert (a - b).abs().max().item() <= 1e-5

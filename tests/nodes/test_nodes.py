@@ -66,6 +66,22 @@ def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded) ->
     assert video.get_dimensions() == (32, 32) and abs(video.get_duration() - 33 / 16) < 0.1
 
 
+def test_load_with_speed_options_renders_the_reference_frames(host, embedded) -> None:
+    """Load CausVid's ``speed`` input (ring cache + fused QKV) renders what the reference path renders,
+    past the first eviction of the window (65 frames = 17 latent frames, 6 chunks, sink 1 + window 2)."""
+    import numpy as np
+
+    frames = []
+    for speed in ("", "ring,fused_qkv"):
+        p = render_prompt(length=65)
+        p["1"]["inputs"]["speed"] = speed
+        result = host.execute(p)
+        assert result.success, result.error
+        frames.append(np.asarray(result.value("4", 0), dtype=np.float32))
+    assert frames[0].shape == frames[1].shape == (65, 32, 32, 3)
+    assert np.abs(frames[0] - frames[1]).max() <= 1e-4
+
+
 def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded) -> None:
     result = host.execute(render_prompt(length=65), interrupt_after=2)
     assert result.interrupted
@@ -123,6 +139,7 @@ def test_stream_v2v_restyles_every_frame(host, embedded) -> None:
          r"line 2"),
         (lambda p: p["2"]["inputs"].update(vae_name="embedded:shapes") or p["1"]["inputs"].update(
             denoising_steps="fast"), "comma-separated integers"),
+        (lambda p: p["1"]["inputs"].update(speed="ring,turbo"), r"unknown speed options \['turbo'\]"),
     ],
 )  # fmt: skip
 def test_bad_inputs_fail_with_the_nodes_message(host, embedded, change, message) -> None:
