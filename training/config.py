@@ -143,6 +143,7 @@ class VAETrainConfig(RunConfig):
     guide_steps: int = 0  # pooled-colour guide at full weight this long, then faded out as long again
     rollback_factor: float = 3.0  # loss above this x the median of the last 20: undo the last update
     stats_samples: int = 256
+    inflate: bool = True  # at the switch to clips, temporal layers start as the image network (stills)
     mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)

@@ -82,6 +82,35 @@ def init_posterior(vae: WanVAE, log_std: float = -4.0) -> None:
         vae.conv1.bias[vae.z_dim :] = 2.0 * log_std
 
 
+@torch.no_grad()
+def inflate_temporal(vae: WanVAE) -> None:
+    """Make the temporal parts act as the image network on every frame (the video as stills).
+
+    Trained on single frames, a causal conv only ever used its last time tap (its past was zero padding),
+    and the time convolutions of Resample never ran: all of these sit at their random init. Entering the
+    clip phase like that injects noise (PSNR fell from 28 to 19 dB at the switch, and a VAE trained on
+    from there did not generalise past its 9-frame clips). Here the past taps become zero, the temporal
+    downsampling keeps the newest frame of each pair and the temporal upsampling repeats the frame, so
+    the clip phase starts from the image network's quality and only has to learn motion.
+    """
+    from causvid_core.vae import CausalConv3d, Resample
+
+    time_convs = set()
+    for module in vae.modules():
+        if isinstance(module, Resample) and hasattr(module, "time_conv"):
+            conv = module.time_conv
+            time_convs.add(conv)
+            conv.weight.zero_()
+            conv.bias.zero_()
+            out_dim, in_dim = conv.weight.shape[:2]
+            eye = torch.eye(in_dim, device=conv.weight.device, dtype=conv.weight.dtype)
+            for half in range(out_dim // in_dim):  # upsample3d: both output frames copy the input frame
+                conv.weight[half * in_dim : (half + 1) * in_dim, :, -1, 0, 0] = eye
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d) and module not in time_convs and module.kernel_size[0] > 1:
+            module.weight[:, :, :-1] = 0.0
+
+
 def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     state = VAEStreamState("decode")
     return vae.decoder(vae.conv2(z, state), state)
@@ -235,6 +264,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if cfg.data_size:  # cycle over a fixed set (small reproducible runs)
             first %= cfg.data_size
         video = torch.stack([data.sample(first + k)[0] for k in range(batch)]).to(dev)
+        if cfg.inflate and 0 < cfg.image_steps == step and not cfg.decoder_only:
+            inflate_temporal(raw)
+            _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         for group in t.opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)

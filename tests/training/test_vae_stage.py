@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from causvid_core.bundle import LATENTS_META
+from causvid_core.config import PRESETS
 from causvid_core.vae import WanVAE, latent_stats_of, load_wan_vae
 from training import distill
 from training.config import ConfigError, make_config
@@ -64,7 +65,9 @@ def test_run_vae_missing_names_the_command(tmp_path) -> None:
 
 def test_object_pixels_weigh_more_also_when_the_object_covers_a_corner() -> None:
     video = to_model_range(render_video("a red square moving right on a white background", 3, 5, 64))[None]
-    video[:, :, :, :10, :10] = torch.tensor([230, 40, 40]).view(1, 3, 1, 1, 1) / 127.5 - 1  # object at a corner
+    video[:, :, :, :10, :10] = (
+        torch.tensor([230, 40, 40]).view(1, 3, 1, 1, 1) / 127.5 - 1
+    )  # object at a corner
     w = pixel_weights(video, 10.0)
     assert w.shape == (1, 1, 5, 64, 64)
     assert w[0, 0, 0, 0, 0] == 10.0 and w[0, 0, 0, 30, 63] in (1.0, 10.0)
@@ -110,7 +113,9 @@ def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades()
     plain, parts = vae_loss(vae, video, eps, cfg, 0.0)
     guided, gparts = vae_loss(vae, video, eps, cfg, 1.0)
     assert "guide_latent" not in parts and gparts["guide_latent"] > 0
-    assert guided.item() == pytest.approx(plain.item() + gparts["guide_latent"] + gparts["guide_recon"], rel=1e-5)
+    assert guided.item() == pytest.approx(
+        plain.item() + gparts["guide_latent"] + gparts["guide_recon"], rel=1e-5
+    )
 
 
 def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> None:
@@ -145,3 +150,30 @@ def test_decoder_fine_tune_needs_a_finished_vae(tmp_path) -> None:
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "decoder_only": "true"})
     with pytest.raises(ConfigError, match="python -m training.distill vae"):
         distill.run("vae", cfg)
+
+
+def test_inflated_vae_treats_a_clip_as_stills_of_the_image_network() -> None:
+    """After ``inflate_temporal`` a clip round-trips as the image network does each frame: latent frame k
+    encodes pixel frame 4k (the newest of its group), and each decoded group repeats that frame's decode.
+    Random init (as after the image phase, whose past taps got no gradient) is nothing like it."""
+    from training.vae_stage import inflate_temporal
+
+    torch.manual_seed(0)
+    vae = WanVAE(PRESETS["tiny"].vae).eval()
+    video = to_model_range(render_video("a red circle moving right", 2, 9, 32))[None]  # 9 frames -> 3 latent
+    for inflated in (False, True):
+        if inflated:
+            inflate_temporal(vae)
+        with torch.no_grad():
+            z = vae.encode(video)
+            stills = vae.encode(
+                video[:, :, [0, 4, 8]].transpose(1, 2).reshape(3, 3, 1, 32, 32)
+            )  # [3, C, 1, h, w]
+            rec = vae.decode(z)
+            per_frame = vae.decode(stills)  # [3, 3, 1, H, W]
+        same_latents = torch.allclose(z[0].transpose(0, 1), stills[:, :, 0], atol=1e-5)
+        expected = torch.cat(
+            [per_frame[0, :, :1]] + [per_frame[k, :, :1].expand(-1, 4, -1, -1) for k in (1, 2)], 1
+        )
+        same_frames = torch.allclose(rec[0], expected, atol=1e-4)
+        assert same_latents == same_frames == inflated
