@@ -177,3 +177,25 @@ def test_inflated_vae_treats_a_clip_as_stills_of_the_image_network() -> None:
         )
         same_frames = torch.allclose(rec[0], expected, atol=1e-4)
         assert same_latents == same_frames == inflated
+
+
+def test_quadrant_guide_carries_the_outline_at_4_pixels() -> None:
+    """The 'quadrants' guide latent holds every 4x4 block's mean colour (recoverable through its
+    orthonormal lift), so a square and a triangle at one place differ in it; 'pool' holds one mean per
+    8x8 cell. Unknown names and too few channels are named."""
+    from training.vae_stage import guide_latent
+
+    video = torch.stack(
+        [to_model_range(render_video(f"a red {s} moving right", 1, 5, 64)) for s in ("square", "triangle")]
+    )
+    z = guide_latent(video, 16, "quadrants")  # [2, 16, 2, 8, 8]
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 12, generator=gen, dtype=torch.float64))
+    cells = torch.einsum("kc,bkfhw->bcfhw", q.float(), z) / (16 / 12) ** 0.5  # [2, 12, 2, 8, 8]
+    quarters = torch.nn.functional.avg_pool3d(video[:, :, ::4], (1, 4, 4))  # [2, 3, 2, 16, 16]
+    back = cells.view(2, 3, 2, 2, 2, 8, 8).permute(0, 1, 4, 5, 2, 6, 3).reshape(2, 3, 2, 16, 16)
+    assert torch.allclose(back, quarters, atol=1e-5)
+    with pytest.raises(ConfigError, match="pool, quadrants"):
+        guide_latent(video, 16, "edges")
+    with pytest.raises(ConfigError, match="at least 12 latent channels"):
+        guide_latent(video, 8, "quadrants")
