@@ -15,10 +15,6 @@ LATENTS="$RUNS/shapes/latents"
 stage() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
 
 stage vae --resume
-# The decoder again with a shape term (encoder frozen, so the latents below do not change): the first
-# VAE keeps colour and motion but rounds the edges off, and the Shapes figures then misread the shape.
-stage vae --decoder-only true --mask-weight 1 --steps 600 --image-steps 0 --guide-steps 0 --lr 3e-5 \
-      --warmup-steps 20 --resume
 stage precompute
 stage teacher --data "$LATENTS" --resume
 stage ode-pairs
