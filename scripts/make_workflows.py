@@ -25,7 +25,7 @@ SHAPES_PROMPT = "a red circle moving right"
 # Widget inputs in INPUT_TYPES order (required, then optional); "seed" also takes its control value.
 WIDGETS: dict[str, list[str]] = {
     "CausVid_LoadModel": ["model_name", "precision", "attention", "chunk_frames", "denoising_steps",
-                          "hf_reference", "lora_name", "lora_strength"],
+                          "hf_reference", "lora_name", "lora_strength", "speed"],
     "CausVid_LoadVAE": ["vae_name"],
     "CausVid_PromptSchedule": ["schedule", "unit", "blend_chunks"],
     "CausVid_ImageToVideoSeed": ["width", "height"],
@@ -173,7 +173,7 @@ def loaders(wan: bool, schedule: str, unit: str = "second", blend: int = 0) -> l
     nodes = [
         Node(1, "CausVid_LoadModel", {
             "model_name": model, "precision": "auto", "attention": "auto", "chunk_frames": 0, "denoising_steps": "",
-            "hf_reference": "", "lora_name": "None", "lora_strength": 1.0}),
+            "hf_reference": "", "lora_name": "None", "lora_strength": 1.0, "speed": ""}),
         Node(2, "CausVid_LoadVAE", {"vae_name": "wan_2.1_vae.safetensors" if wan else "embedded:shapes"}),
         Node(3, "CausVid_PromptSchedule", {"schedule": schedule, "unit": unit, "blend_chunks": blend},
              {"clip": (4, 0)} if wan else {"model": (1, 0)}),
