@@ -30,9 +30,11 @@ EMBEDDED_ENV = "CAUSVID_EMBEDDED_PATH"  # extra folders (os.pathsep-separated) s
 
 
 def embedded_roots() -> list[Path]:
-    """Folders holding embedded models: the package's own, then those named in $CAUSVID_EMBEDDED_PATH."""
+    """Folders holding embedded models: those named in $CAUSVID_EMBEDDED_PATH first (so a local copy,
+    e.g. a retrained embedded:shapes or the tests' tiny one, overrides the shipped model), then the
+    package's own."""
     extra = [Path(p) for p in os.environ.get(EMBEDDED_ENV, "").split(os.pathsep) if p]
-    return [EMBEDDED_ROOT, *extra]
+    return [*extra, EMBEDDED_ROOT]
 
 
 @dataclass
