@@ -34,9 +34,12 @@ def _meta(path: Path) -> dict[str, str]:
 
 
 def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
-    """Copy a safetensors in float16 (metadata kept, ``extra`` added); returns the written size."""
+    """Copy a safetensors in float16 (metadata kept with portable paths, ``extra`` added); returns the
+    written size."""
     sd = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
     meta = {k: v for k, v in _meta(src).items() if k != "format"}
+    if "causvid_training" in meta:  # the shipped weights name no folder of the training machine either
+        meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"])))
     meta.update(extra or {})
     save_weights(sd, dst, meta)
     return dst.stat().st_size
@@ -58,12 +61,30 @@ def stage_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def _config_of(folder: Path) -> dict[str, Any] | None:
+    """The training config saved in a stage's final weights, with this machine's paths made portable."""
     final = folder / "final.safetensors"
     if final.is_file():
         text = _meta(final).get("causvid_training")
         if text:
-            return json.loads(text)
+            return _portable(json.loads(text))
     return None
+
+
+def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``runs_dir`` becomes ``runs`` and paths under it ``runs/...``: the card names no folder of the
+    machine that trained the model (the recipe's commands use ``--runs-dir runs``)."""
+    root = cfg.get("runs_dir")
+    if not isinstance(root, str) or not root:
+        return cfg
+    prefix = root.rstrip("/") + "/"
+    out = {}
+    for key, value in cfg.items():
+        if key == "runs_dir":
+            value = "runs"
+        elif isinstance(value, str) and value.startswith(prefix):
+            value = "runs/" + value[len(prefix) :]
+        out[key] = value
+    return out
 
 
 def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None, commands: list[str]) -> str:

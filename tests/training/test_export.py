@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -39,6 +40,10 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     card = (out / "MODEL_CARD.md").read_text()
     assert "| vae | 2 |" in card and "| teacher | 2 |" in card and "python -m training.distill vae" in card
+    assert str(tmp_path) not in card and '"runs_dir": "runs"' in card  # no path of the training machine
+    for part in files:
+        with safe_open(str(out / part), "pt") as f:
+            assert str(tmp_path) not in json.dumps(f.metadata())
 
     monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(out.parent))
     bundle = load_bundle("embedded:exported")
