@@ -38,7 +38,7 @@ import torch
 
 from causvid_core.config import CausalConfig, chunk_layout, get_preset
 from causvid_core.kv_cache import KVCache
-from causvid_core.model import CausalWanModel, CudaGraphStep
+from causvid_core.model import SPEED_OPTIONS, CausalWanModel, CudaGraphStep
 from causvid_core.sampling import (
     FlowSchedule,
     add_noise,
@@ -250,19 +250,16 @@ class _Path:
         self.dtype = torch.bfloat16 if "bf16" in options else torch.float32
         self.model, _ = build_model(args)
         self.model.rope_cache = "rope_cache" in options
-        self.model.set_fused_qkv("fused_qkv" in options)
         self.model.to(self.dtype)
-        if "fp8" in options:  # after the cast: .to(dtype) would turn the float8 weights back
-            self.model.quantize_fp8(torch.bfloat16)
-        if "compile" in options:
-            self.model.compile_blocks()
+        # ring, fused_qkv, fp8 and compile as users switch them on; after the cast, which would turn
+        # float8 weights back
+        self.model.set_speed(sorted(options & set(SPEED_OPTIONS)))
         vae_name = args.vae or (args.preset if args.preset in ("tiny", "shapes") else "wan2.1")
         self.vae = None
         if vae_name != "none":
             torch.manual_seed(1)
             self.vae = WanVAE(VAE_PRESETS[vae_name]).to(device, self.dtype).eval()
             self.vae.set_conv_impl("frames" if "vae_frames" in options else "native")
-        self.layout = "ring" if "ring" in options else "compact"
         self.side = torch.cuda.Stream(device) if "vae_overlap" in options else None
 
 
@@ -274,7 +271,7 @@ class _Run:
         model = path.model
         self.cross = model.encode_context(prompt.to(path.dtype))
         self.cache = KVCache.allocate(
-            model.config, causal, 1, *lhw, path.device, path.dtype, layout=path.layout
+            model.config, causal, 1, *lhw, path.device, path.dtype, layout=model.cache_layout
         )
         self.step = CudaGraphStep(model, self.cache) if "cuda_graphs" in path.options else model
         self.schedule = FlowSchedule.from_config(sampling)
