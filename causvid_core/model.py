@@ -71,9 +71,14 @@ class WanLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer multiplies in: its weights' own, or an FP8Linear's compute dtype."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
 def _linear(layer: nn.Module, x: Tensor) -> Tensor:
     """Apply a linear layer in its own (compute) dtype."""
-    return layer(x.to(getattr(layer, "compute_dtype", None) or layer.weight.dtype))
+    return layer(x.to(_compute_dtype(layer)))
 
 
 def _version(t: Tensor) -> int:
@@ -260,8 +265,7 @@ class WanBlock(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1), layer, plan)
         x = x + gated(y, gate1)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v).float()
-        ffn_dtype = getattr(self.ffn[0], "compute_dtype", None) or self.ffn[0].weight.dtype
-        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(ffn_dtype))
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2).to(_compute_dtype(self.ffn[0])))
         return x + gated(y, gate2)
 
 
@@ -559,21 +563,22 @@ class CudaGraphStep:
         _, graph, x_s, t_s, rope_s, out_s = entry
         x_s.copy_(x)
         t_s.copy_(t)
-        _, ph, pw = self.model.config.patch_size
-        table = self.model._rope(range(start, start + frames), x.shape[3] // ph, x.shape[4] // pw, x.device)
-        rope_s.rotation.copy_(table.rotation)
+        rope_s.rotation.copy_(self._rope_of(x, start).rotation)
         graph.replay()
         if write_cache:
             cache.commit_tail(start, frames)
         return out_s.clone()
 
+    def _rope_of(self, x: Tensor, start: int) -> RopeTable:
+        """The RoPE table of chunk ``x`` [B, C, F, H, W] starting at latent frame ``start``."""
+        _, ph, pw = self.model.config.patch_size
+        frames = range(start, start + x.shape[2])
+        return self.model._rope(frames, x.shape[3] // ph, x.shape[4] // pw, x.device)
+
     def _capture(self, x: Tensor, t: Tensor, context: CrossKV, start: int) -> tuple:
         """Warm up on a side stream, then capture one forward with static inputs and RoPE table."""
         x_s, t_s = x.clone(), t.clone()
-        _, ph, pw = self.model.config.patch_size
-        table = self.model._rope(
-            range(start, start + x.shape[2]), x.shape[3] // ph, x.shape[4] // pw, x.device
-        )
+        table = self._rope_of(x, start)
         rope_s = copy.copy(table)
         rope_s.rotation = table.rotation.clone()
         self.model._rope_override = rope_s
