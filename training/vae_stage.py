@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from causvid_core.vae import VAEStreamState, WanVAE
+from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
 from .config import ConfigError, VAETrainConfig
@@ -175,7 +175,7 @@ def guide_latent(video: Tensor, channels: int, kind: str = "pool") -> Tensor:
         raise ConfigError(f"--guide quadrants needs at least 12 latent channels, the VAE has {channels}")
     frames = video[:, :, ::4].float()
     b, c, f, h, w = frames.shape
-    quarters = torch.nn.functional.avg_pool3d(frames, (1, 4, 4))  # [B, 3, F, H/4, W/4]
+    quarters = F.avg_pool3d(frames, (1, 4, 4))  # [B, 3, F, H/4, W/4]
     cells = (
         quarters.view(b, c, f, h // 8, 2, w // 8, 2)
         .permute(0, 1, 4, 6, 2, 3, 5)
@@ -220,7 +220,8 @@ def latent_statistics(vae: WanVAE, cfg: VAETrainConfig, batch: int = 8) -> tuple
 
 
 def load_init(vae: WanVAE, path: Path) -> tuple[list[float], list[float]] | None:
-    """Load VAE weights saved by a vae run (strictly: same architecture); returns their latent statistics."""
+    """Load VAE weights saved by a vae run (strictly: same architecture); returns their latent statistics
+    (None when the file has none)."""
     if not path.is_file():
         raise ConfigError(f"VAE init {path} not found: train the vae stage first or pass --init PATH")
     try:
@@ -229,12 +230,8 @@ def load_init(vae: WanVAE, path: Path) -> tuple[list[float], list[float]] | None
         raise ConfigError(
             f"{path} does not fit this VAE architecture ({e.args[0].splitlines()[0]})"
         ) from None
-    with safe_open(str(path), "pt") as f:
-        stats = (f.metadata() or {}).get(LATENTS_META)
-    if not stats:
-        return None
-    data = json.loads(stats)
-    return data["mean"], data["std"]
+    stats = latent_stats_of(path)
+    return None if stats is None else (list(stats[0]), list(stats[1]))
 
 
 def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
