@@ -46,6 +46,8 @@ class RunConfig:
     steps: int = 1000
     batch_size: int = 1
     lr: float = 1e-4
+    lr_warmup: int = 0  # steps of linear lr warm-up from 0
+    lr_decay: float = 0.0  # share of the last steps over which lr falls linearly to 10% (0: constant)
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     seed: int = 0
@@ -188,9 +190,9 @@ _STAGE: dict[str, dict[str, dict[str, Any]]] = {
         "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 5e-5, "grad_clip": 1.0,
                 "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0, "guide_steps": 600,
                 "save_every": 100, "sample_every": 500},
-        "teacher": {"steps": 3000},
+        "teacher": {"steps": 3000, "lr_warmup": 100, "lr_decay": 0.3},
         "ode-pairs": {"num_samples": 512, "shard_size": 64},
-        "ode-init": {"steps": 1000, "lr": 1e-4},
+        "ode-init": {"steps": 1000, "lr": 1e-4, "lr_decay": 0.3},
         "dmd": {"steps": 1000, "lr": 2e-5},
         "precompute": {"num_samples": 2048, "shard_size": 256},
     },

@@ -179,6 +179,27 @@ class StopFlag:
 
 
 # -- the loop ------------------------------------------------------------------------------
+def lr_scale(step: int, cfg: RunConfig) -> float:
+    """The lr multiplier at ``step``: linear warm-up over ``lr_warmup`` steps, then constant, then (when
+    ``lr_decay`` > 0) a linear fall to 0.1 over the last ``lr_decay`` share of the steps. A small
+    model trained at constant lr ends wherever the noise of its last updates left it; the decay
+    settles it (the job an EMA of the weights does in larger recipes)."""
+    scale = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
+    if cfg.lr_decay > 0:
+        start = cfg.steps * (1.0 - cfg.lr_decay)
+        if step >= start:
+            scale *= 1.0 - 0.9 * (step - start) / max(cfg.steps - start, 1.0)
+    return scale
+
+
+def set_lr(trainables: list[Trainable], scale: float) -> None:
+    """Every parameter group's lr = its base lr (the one it was built with, kept in the optimizer's
+    state so a resumed run scales the same number) times ``scale``."""
+    for t in trainables:
+        for group in t.opt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
+
+
 def train_loop(
     cfg: RunConfig,
     ctx: dist.DistContext,
@@ -208,6 +229,7 @@ def train_loop(
     with StopFlag() as stop:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
+            set_lr(trainables, lr_scale(step, cfg))
             try:
                 metrics = step_fn(step)
             except NonFiniteLoss as err:
@@ -221,7 +243,7 @@ def train_loop(
             done = step + 1
             wall += time.perf_counter() - t0
             if log is not None:
-                log.add({"step": done, **metrics, "wall_s": wall})
+                log.add({"step": done, **metrics, "lr": trainables[0].opt.param_groups[0]["lr"], "wall_s": wall})
             progress.update(done, metrics)
             stopped = dist.any_across_ranks(stop.requested, ctx)
             if done % cfg.save_every == 0 or done == cfg.steps or stopped:

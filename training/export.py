@@ -114,7 +114,7 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
         if summary is None:
             continue
         total += summary["wall_s"]
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k not in ("wall_s", "skipped"))
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k not in ("wall_s", "skipped", "lr"))
         lines.append(f"| {stage} | {summary['steps']} | {summary['wall_s'] / 60:.1f} min | {metrics} |")
     lines += ["", f"Training wall time of the stages with a step loop: {total / 60:.1f} min on the machine "
               "named in docs/reproduction.md (data preparation and ODE pairs are listed there).", ""]  # fmt: skip

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -110,3 +112,21 @@ def test_sigterm_saves_a_checkpoint_that_resumes_identically(tmp_path: Path) -> 
     assert_same(
         weights(tmp_path / "a/shapes/teacher", "final.safetensors"), weights(folder, "final.safetensors")
     )
+
+
+def test_lr_schedule_warms_up_decays_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """--lr-warmup / --lr-decay: the logged lr follows the schedule, and a run resumed from a checkpoint
+    in the middle of it (same --steps) ends with the weights and optimizer state of the straight run."""
+    args = ("--steps", "8", "--save-every", "6", "--lr", "1e-3", "--lr-warmup", "2", "--lr-decay", "0.5")
+    straight = run(tmp_path / "a", "teacher", *args)
+    lrs = [r["lr"] for r in straight["rows"]]
+    expected = [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3 * (1 - 0.9 / 4), 1e-3 * (1 - 1.8 / 4), 1e-3 * (1 - 2.7 / 4)]
+    assert lrs == pytest.approx(expected)
+    folder_a, folder_b = tmp_path / "a/shapes/teacher", tmp_path / "b/shapes/teacher"
+    shutil.copytree(folder_a, folder_b)  # as if stopped after step 6, mid-decay: drop what came later
+    for late in [*folder_b.glob("*000008*"), *folder_b.glob("final*")]:
+        late.unlink()
+    resumed = run(tmp_path / "b", "teacher", *args, "--resume")
+    assert [r["lr"] for r in resumed["rows"]][-2:] == pytest.approx(expected[6:])
+    assert_same(weights(folder_a, "final.safetensors"), weights(folder_b, "final.safetensors"))
+    assert_same_optim(folder_a / "state_000008.pt", folder_b / "state_000008.pt")
