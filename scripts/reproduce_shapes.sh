@@ -16,7 +16,13 @@ PROMPTS=${PROMPTS:-64}
 DRIFT_PROMPTS=${DRIFT_PROMPTS:-4}
 mkdir -p "$OUT"
 
-stage() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
+NPROC=${NPROC:-2}  # ranks of one thread each, as scripts/train_shapes.sh
+LAUNCH=("$PY")
+if [ "$NPROC" -gt 1 ]; then
+  LAUNCH=(env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1
+          --master_port "${PORT:-29512}")
+fi
+stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
 # Ablation trainings, each with the same step budget as its counterpart in the recipe.
 stage teacher --kind causal --data "$RUN/latents" --resume        # causal many-step teacher

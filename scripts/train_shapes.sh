@@ -5,16 +5,27 @@
 #
 #   bash scripts/train_shapes.sh            # runs/shapes/..., then ships causvid_core/embedded/shapes
 #   RUNS=/data/runs bash scripts/train_shapes.sh
+#
+# The VAE trains in one process (all threads); the later stages run data parallel on NPROC ranks of one
+# thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
+# two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS:-runs}
+NPROC=${NPROC:-2}
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
 LATENTS="$RUNS/shapes/latents"
+LAUNCH=("$PY")
+if [ "$NPROC" -gt 1 ]; then
+  LAUNCH=(env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1
+          --master_port "${PORT:-29511}")
+fi
 
-stage() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
+one() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
+stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
-stage vae --resume
+one vae --resume
 stage precompute
 stage teacher --data "$LATENTS" --resume
 stage ode-pairs
