@@ -143,7 +143,8 @@ class VAETrainConfig(RunConfig):
     warmup_steps: int = 100  # linear lr warm-up; the last 30% of steps decay linearly to 10% of lr
     skip_grad_norm: float = 20.0  # a step whose gradient norm (before clipping) exceeds this is skipped
     guide_steps: int = 0  # pooled-colour guide at full weight this long, then faded out as long again
-    guide: str = "pool"  # guide latent: 'pool' (8x8 mean colour, rank 3) or 'quadrants' (4x4 means, rank 12)
+    guide: str = "pool"  # 'pool' (8x8 mean colour, rank 3), 'quadrants' (4x4 means, rank 12), or 'colour':
+    # the 8x8 mean colour on the first 3 latent channels only, no decoding from the guide
     rollback_factor: float = 3.0  # loss above this x the median of the last 20: undo the last update
     stats_samples: int = 256
     inflate: bool = True  # at the switch to clips, temporal layers start as the image network (stills)

@@ -142,7 +142,13 @@ def vae_loss(
         mask = mask_loss(recon, video)
         loss = loss + cfg.mask_weight * mask
         parts["mask"] = float(mask.detach())
-    if guide > 0:
+    if guide > 0 and cfg.guide == "colour":
+        # only the first three channels are pulled onto the cell colours; the decoder is never asked to
+        # draw from a guide latent, and the other channels stay free to carry the outline
+        guide_lat = (mu[:, :3] - pooled_colour(video).to(mu)).square().mean()
+        loss = loss + guide * guide_lat
+        parts |= {"guide_latent": float(guide_lat.detach())}
+    elif guide > 0:
         target = guide_latent(video, vae.z_dim, cfg.guide).to(mu)
         guide_rec = recon_loss(reconstruct(vae, target))[0]
         guide_lat = (mu - target).square().mean()
@@ -153,7 +159,13 @@ def vae_loss(
     return loss, parts
 
 
-GUIDES = ("pool", "quadrants")
+GUIDES = ("pool", "quadrants", "colour")
+
+
+def pooled_colour(video: Tensor) -> Tensor:
+    """[B, 3, 1 + (T-1)/4, H/8, W/8]: the mean colour of each 8x8 cell of every 4th frame (the frames the
+    causal VAE's latent frames start on), in the video's -1..1 range."""
+    return F.avg_pool3d(video[:, :, ::4].float(), (1, 8, 8))
 
 
 def guide_latent(video: Tensor, channels: int, kind: str = "pool") -> Tensor:
@@ -164,6 +176,7 @@ def guide_latent(video: Tensor, channels: int, kind: str = "pool") -> Tensor:
     triangle's fill ratio 0.76, a square's 0.84) long after the guide was gone.
     ``quadrants``: the mean colour of each 4x4 quarter of a cell (12 values, the object's outline at
     4-pixel resolution), lifted orthonormally to C >= 12 channels.
+    (``colour`` has no full target latent: ``vae_loss`` pulls only three channels, see ``pooled_colour``.)
     """
     from .data import PoolCodec
 

@@ -118,6 +118,29 @@ def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades()
     )
 
 
+def test_the_channel_colour_guide_binds_three_channels_and_leaves_the_rest_free() -> None:
+    """``--guide colour``: the first three latent channels are pulled onto each cell's mean colour and
+    nothing else: no decoding from a guide latent, and no pull on the other channels (they keep the
+    outline, which a full-latent guide erased into blobs)."""
+    from training.vae_stage import posterior, pooled_colour, vae_loss
+
+    cfg = make_config("vae", "tiny", {"guide_steps": "10", "guide": "colour"})
+    torch.manual_seed(0)
+    vae = WanVAE(cfg.arch)
+    video = ShapesDataset(5, 32, seed=1).sample(0)[0][None]
+    eps = torch.zeros(1, 16, 2, 4, 4)
+    plain, _ = vae_loss(vae, video, eps, cfg, 0.0)
+    guided, gparts = vae_loss(vae, video, eps, cfg, 1.0)
+    assert "guide_recon" not in gparts
+    mu = posterior(vae, video)[0]
+    expected = (mu[:, :3] - pooled_colour(video)).square().mean()
+    assert gparts["guide_latent"] == pytest.approx(expected.item(), rel=1e-5)
+    assert guided.item() == pytest.approx(plain.item() + expected.item(), rel=1e-5)
+    (guided - plain).backward()  # the guide term alone
+    head = vae.conv1.weight.grad.flatten(1).abs().sum(1)  # per output channel: 3 guided, 13 free, 16 logvar
+    assert (head[:3] > 0).all() and (head[3:] == 0).all()
+
+
 def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> None:
     """``vae --decoder-only true --mask-weight W``: starts from vae/final, leaves the encoder (so every
     latent and the stored statistics) untouched, writes vae-decoder/final, and lowers the mask loss."""
