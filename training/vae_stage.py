@@ -138,6 +138,10 @@ def vae_loss(
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
     loss = rec + cfg.kl_weight * kl
     parts = {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
+    if cfg.colour_weight > 0:  # the low-frequency part of the error, weighted up: cell colours
+        colour = (F.avg_pool3d(recon.float(), (1, 8, 8)) - F.avg_pool3d(video.float(), (1, 8, 8))).square().mean()
+        loss = loss + cfg.colour_weight * colour
+        parts["colour"] = float(colour.detach())
     if cfg.mask_weight > 0:
         mask = mask_loss(recon, video)
         loss = loss + cfg.mask_weight * mask

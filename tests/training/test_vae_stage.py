@@ -141,6 +141,26 @@ def test_the_channel_colour_guide_binds_three_channels_and_leaves_the_rest_free(
     assert (head[:3] > 0).all() and (head[3:] == 0).all()
 
 
+def test_colour_weight_adds_the_error_of_the_cell_colours() -> None:
+    """``--colour-weight W`` adds W * MSE of the 8x8 cell means (the reconstruction's colours), so a
+    decoder that draws the right outline in grey pays for it."""
+    from training.vae_stage import posterior, reconstruct, vae_loss
+
+    base = make_config("vae", "tiny", {})
+    cfg = make_config("vae", "tiny", {"colour_weight": "10"})
+    torch.manual_seed(0)
+    vae = WanVAE(cfg.arch)
+    video = ShapesDataset(5, 32, seed=1).sample(0)[0][None]
+    eps = torch.zeros(1, 16, 2, 4, 4)
+    plain, _ = vae_loss(vae, video, eps, base, 0.0)
+    weighted, parts = vae_loss(vae, video, eps, cfg, 0.0)
+    recon = reconstruct(vae, posterior(vae, video)[0])
+    pool = torch.nn.functional.avg_pool3d
+    expected = (pool(recon, (1, 8, 8)) - pool(video, (1, 8, 8))).square().mean()
+    assert parts["colour"] == pytest.approx(expected.item(), rel=1e-5)
+    assert weighted.item() == pytest.approx(plain.item() + 10 * expected.item(), rel=1e-5)
+
+
 def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> None:
     """``vae --decoder-only true --mask-weight W``: starts from vae/final, leaves the encoder (so every
     latent and the stored statistics) untouched, writes vae-decoder/final, and lowers the mask loss."""
