@@ -193,11 +193,10 @@ def lr_scale(step: int, cfg: RunConfig) -> float:
 
 
 def set_lr(trainables: list[Trainable], scale: float) -> None:
-    """Every parameter group's lr = its base lr (the one it was built with, kept in the optimizer's
-    state so a resumed run scales the same number) times ``scale``."""
+    """Every parameter group's lr = its base lr (``train_loop`` sets it from the config) times ``scale``."""
     for t in trainables:
         for group in t.opt.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
+            group["lr"] = group["base_lr"] * scale
 
 
 def train_loop(
@@ -212,6 +211,9 @@ def train_loop(
     folder = stage_dir(cfg, stage)
     ckpt = CheckpointManager(folder, stage, cfg, ctx)
     start, last_good = 0, ckpt.latest()
+    # the lr each optimiser was built with (the config's): a checkpoint's saved lr must not override it,
+    # so a run resumed with a lower --lr (after a NaN, say) really uses it
+    bases = [[group["lr"] for group in t.opt.param_groups] for t in trainables]
     if cfg.resume and last_good is not None:
         start = ckpt.load(last_good, trainables)["step"]
         _say(ctx, f"resumed {stage} from {last_good} at step {start}")
@@ -226,6 +228,9 @@ def train_loop(
     progress = Progress(cfg.steps, start, cfg.log_every, ctx.is_main)
     stopped = False
     wall = log.rows[-1].get("wall_s", 0.0) if log is not None and log.rows else 0.0  # continues on resume
+    for t, lrs in zip(trainables, bases, strict=True):
+        for group, lr in zip(t.opt.param_groups, lrs, strict=True):
+            group["base_lr"] = lr
     with StopFlag() as stop:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()

@@ -130,3 +130,10 @@ def test_lr_schedule_warms_up_decays_and_resumes_bit_for_bit(tmp_path: Path) -> 
     assert [r["lr"] for r in resumed["rows"]][-2:] == pytest.approx(expected[6:])
     assert_same(weights(folder_a, "final.safetensors"), weights(folder_b, "final.safetensors"))
     assert_same_optim(folder_a / "state_000008.pt", folder_b / "state_000008.pt")
+    # resumed with a lower --lr (what the NaN message advises): the schedule scales the new rate
+    folder_c = tmp_path / "c/shapes/teacher"
+    shutil.copytree(folder_b, folder_c)
+    for late in [*folder_c.glob("*000008*"), *folder_c.glob("final*")]:
+        late.unlink()
+    lowered = run(tmp_path / "c", "teacher", *args[:-6], "--lr", "1e-4", *args[-4:], "--resume")
+    assert [r["lr"] for r in lowered["rows"]][-2:] == pytest.approx([x / 10 for x in expected[6:]])

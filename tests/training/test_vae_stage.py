@@ -122,7 +122,7 @@ def test_the_channel_colour_guide_binds_three_channels_and_leaves_the_rest_free(
     """``--guide colour``: the first three latent channels are pulled onto each cell's mean colour and
     nothing else: no decoding from a guide latent, and no pull on the other channels (they keep the
     outline, which a full-latent guide erased into blobs)."""
-    from training.vae_stage import posterior, pooled_colour, vae_loss
+    from training.vae_stage import pooled_colour, posterior, vae_loss
 
     cfg = make_config("vae", "tiny", {"guide_steps": "10", "guide": "colour"})
     torch.manual_seed(0)
