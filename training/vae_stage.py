@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def pixel_weights(video: Tensor, object_weight: float) -> Tensor:
     return 1.0 + (object_weight - 1.0) * far.float()
 
 
+SKIPS_IN_A_ROW = 5  # consecutive large-gradient steps skipped before the large norm counts as the new level
 OBJECT_DISTANCE = 2 * 80 / 255  # SHAPES.md: object pixels are farther than 80 (RGB) from the background
 MASK_SOFTNESS = 0.05  # in -1..1 units (about 6 RGB levels): width of the soft segmentation's edge
 
@@ -345,8 +347,13 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = float(dist.clip_grad(t.model, cfg.grad_clip))
-        skipped = step >= cfg.warmup_steps and not norm < cfg.skip_grad_norm  # large norms are normal early
-        if not skipped:  # a gradient spike would undo the progress
+        # A gradient spike would undo the progress: skip it (large norms are normal during warm-up). But
+        # five large norms in a row are the new level, not a spike (skipping on would freeze the weights
+        # for good): take that step, clipped as always. A non-finite norm is always skipped.
+        spike = step >= cfg.warmup_steps and not norm < cfg.skip_grad_norm
+        skipped = not math.isfinite(norm) or (spike and guard.get("skips", 0) < SKIPS_IN_A_ROW)
+        guard["skips"] = guard.get("skips", 0) + 1 if skipped else 0
+        if not skipped:
             t.opt.step()
         return {"loss": value, **parts, "grad_norm": norm, "skipped": float(skipped), "rolled_back": 0.0}
 

@@ -102,6 +102,19 @@ def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monke
     assert rows[23]["grad_norm"] > 0 and rows[25]["grad_norm"] > 0
 
 
+def test_large_gradients_are_skipped_as_spikes_but_not_forever(tmp_path) -> None:
+    """A step whose gradient norm exceeds --skip-grad-norm is skipped, but after five in a row the large
+    norm is the new level and the step is taken: skipping on would leave the weights frozen for the rest
+    of the run (a tiny run at lr 3e-3 was seen to skip every step from step 16 to the end)."""
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "13", "save_every": "13",
+                                      "stats_samples": "2", "clip_frames": "5", "warmup_steps": "1",
+                                      "skip_grad_norm": "1e-9"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    flags = [int(r["skipped"]) for r in rows]
+    assert flags == [0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0]  # step 0 is warm-up; then 5 skipped, 1 taken
+    assert rows[6]["grad_norm"] > 1e-9
+
+
 def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades() -> None:
     from training.vae_stage import guide_weight, vae_loss
 
