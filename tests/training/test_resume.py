@@ -114,6 +114,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes_identically(tmp_path: Path) -> 
     )
 
 
+def stopped_copy(src: Path, dst: Path) -> None:
+    """``dst``: the 8-step run in ``src`` as if it had stopped after its step-6 checkpoint."""
+    shutil.copytree(src, dst)
+    for late in [*dst.glob("*000008*"), *dst.glob("final*")]:
+        late.unlink()
+
+
 def test_lr_schedule_warms_up_decays_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     """--lr-warmup / --lr-decay: the logged lr follows the schedule, and a run resumed from a checkpoint
     in the middle of it (same --steps) ends with the weights and optimizer state of the straight run."""
@@ -123,17 +130,13 @@ def test_lr_schedule_warms_up_decays_and_resumes_bit_for_bit(tmp_path: Path) -> 
     expected = [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3 * (1 - 0.9 / 4), 1e-3 * (1 - 1.8 / 4), 1e-3 * (1 - 2.7 / 4)]
     assert lrs == pytest.approx(expected)
     folder_a, folder_b = tmp_path / "a/shapes/teacher", tmp_path / "b/shapes/teacher"
-    shutil.copytree(folder_a, folder_b)  # as if stopped after step 6, mid-decay: drop what came later
-    for late in [*folder_b.glob("*000008*"), *folder_b.glob("final*")]:
-        late.unlink()
+    stopped_copy(folder_a, folder_b)  # as if stopped after step 6, mid-decay
     resumed = run(tmp_path / "b", "teacher", *args, "--resume")
     assert [r["lr"] for r in resumed["rows"]][-2:] == pytest.approx(expected[6:])
     assert_same(weights(folder_a, "final.safetensors"), weights(folder_b, "final.safetensors"))
     assert_same_optim(folder_a / "state_000008.pt", folder_b / "state_000008.pt")
     # resumed with a lower --lr (what the NaN message advises): the schedule scales the new rate
     folder_c = tmp_path / "c/shapes/teacher"
-    shutil.copytree(folder_b, folder_c)
-    for late in [*folder_c.glob("*000008*"), *folder_c.glob("final*")]:
-        late.unlink()
+    stopped_copy(folder_b, folder_c)
     lowered = run(tmp_path / "c", "teacher", *args[:-6], "--lr", "1e-4", *args[-4:], "--resume")
     assert [r["lr"] for r in lowered["rows"]][-2:] == pytest.approx([x / 10 for x in expected[6:]])

@@ -131,6 +131,14 @@ def test_the_colour_guide_pulls_the_latent_toward_the_pooled_frames_then_fades()
     )
 
 
+def tiny_vae_batch(cfg) -> tuple[WanVAE, torch.Tensor, torch.Tensor]:
+    """A seeded tiny VAE, one 5-frame 32x32 Shapes clip and zero posterior noise: a loss evaluated twice
+    on them differs only by the term under test."""
+    torch.manual_seed(0)
+    vae = WanVAE(cfg.arch)
+    return vae, ShapesDataset(5, 32, seed=1).sample(0)[0][None], torch.zeros(1, 16, 2, 4, 4)
+
+
 def test_the_channel_colour_guide_binds_three_channels_and_leaves_the_rest_free() -> None:
     """``--guide colour``: the first three latent channels are pulled onto each cell's mean colour and
     nothing else: no decoding from a guide latent, and no pull on the other channels (they keep the
@@ -138,10 +146,7 @@ def test_the_channel_colour_guide_binds_three_channels_and_leaves_the_rest_free(
     from training.vae_stage import pooled_colour, posterior, vae_loss
 
     cfg = make_config("vae", "tiny", {"guide_steps": "10", "guide": "colour"})
-    torch.manual_seed(0)
-    vae = WanVAE(cfg.arch)
-    video = ShapesDataset(5, 32, seed=1).sample(0)[0][None]
-    eps = torch.zeros(1, 16, 2, 4, 4)
+    vae, video, eps = tiny_vae_batch(cfg)
     plain, _ = vae_loss(vae, video, eps, cfg, 0.0)
     guided, gparts = vae_loss(vae, video, eps, cfg, 1.0)
     assert "guide_recon" not in gparts
@@ -161,10 +166,7 @@ def test_colour_weight_adds_the_error_of_the_cell_colours() -> None:
 
     base = make_config("vae", "tiny", {})
     cfg = make_config("vae", "tiny", {"colour_weight": "10"})
-    torch.manual_seed(0)
-    vae = WanVAE(cfg.arch)
-    video = ShapesDataset(5, 32, seed=1).sample(0)[0][None]
-    eps = torch.zeros(1, 16, 2, 4, 4)
+    vae, video, eps = tiny_vae_batch(cfg)
     plain, _ = vae_loss(vae, video, eps, base, 0.0)
     weighted, parts = vae_loss(vae, video, eps, cfg, 0.0)
     recon = reconstruct(vae, posterior(vae, video)[0])
