@@ -73,6 +73,10 @@ class TeacherConfig(RunConfig):
     kind: str = "bidirectional"  # or 'causal': block-causal, one timestep per chunk (Table 4 ablation)
     sample_steps: int = 20
     sample_guidance: float = 6.0
+    # shift of the training timestep grid; default: the sampler's (sampling.shift). A small model on few
+    # tokens wastes much of a shift-8 grid above sigma 0.9 (docs/training.md); the net is t-conditioned, so
+    # sampling with another shift afterwards is fine
+    train_shift: float | None = None
 
 
 @dataclass

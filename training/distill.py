@@ -288,6 +288,15 @@ def _say(ctx: dist.DistContext, msg: str) -> None:
 
 
 # -- stages --------------------------------------------------------------------------------
+def teacher_schedule(cfg: TeacherConfig) -> FlowSchedule:
+    """The grid the teacher's training timesteps are drawn from: ``--train-shift``, else the sampler's shift."""
+    if cfg.train_shift is None:
+        return FlowSchedule.from_config(cfg.sampling)
+    if not cfg.train_shift > 0:
+        raise ConfigError(f"--train-shift must be a positive number (3 suits small models), got {cfg.train_shift}")
+    return FlowSchedule(cfg.train_shift, cfg.sampling.num_train_timesteps, cfg.sampling.exact_sigma)
+
+
 def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
     """Flow-matching loss MSE(v, eps - x0) at t drawn from the shifted grid (per chunk when causal)."""
     dev = ctx.device
@@ -301,7 +310,7 @@ def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
     model = dist.wrap(raw, ctx)
     t = Trainable("step", model, adamw(model, cfg.lr, cfg), raw)
     source = build_source(cfg)
-    schedule = FlowSchedule.from_config(cfg.sampling)
+    schedule = teacher_schedule(cfg)
     uncond = uncond_context(cfg).to(dev)
 
     def step_fn(step: int) -> dict[str, float]:

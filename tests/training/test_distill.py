@@ -228,3 +228,22 @@ def test_free_text_captions_go_through_the_umt5_encoder(tmp_path: Path) -> None:
         assert torch.allclose(
             f.get_tensor(key).float(), expected[:, :16], atol=1e-5
         )  # cut to the DiT text_len
+
+
+def test_teacher_train_shift_moves_training_toward_mid_noise(tmp_path: Path) -> None:
+    from training.distill import teacher_schedule
+
+    default = teacher_schedule(parse_cli("teacher", ["--preset", "shapes"]))
+    low = teacher_schedule(parse_cli("teacher", ["--preset", "shapes", "--train-shift", "3"]))
+    assert default.shift == PRESETS["shapes"].sampling.shift == 8.0  # unchanged without the option
+
+    def above(s) -> float:
+        return float((s.sigmas > 0.9).double().mean())
+
+    # shift 8 spends ~47% of the samples above sigma 0.9 (mostly irreducible noise), shift 3 ~25%
+    assert above(default) == pytest.approx(0.47, abs=0.02) and above(low) == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(ConfigError, match="--train-shift must be a positive number"):
+        run(tmp_path, "teacher", "--steps", "2", "--train-shift", "0")
+    assert not (tmp_path / "shapes" / "teacher" / "final.safetensors").exists()
+    out = run(tmp_path, "teacher", "--steps", "4", "--train-shift", "3")
+    assert len(out["rows"]) == 4 and all(np.isfinite(r["loss"]) for r in out["rows"])
