@@ -25,7 +25,7 @@ from causvid_core.text import ShapesTextEncoder
 from .state import save_weights
 
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
-STAGES = ("vae", "vae-decoder", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
+STAGES = ("vae-images", "vae-colour", "vae", "vae-decoder", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
 
 
 def _meta(path: Path) -> dict[str, str]:

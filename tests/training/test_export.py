@@ -27,9 +27,13 @@ def _one_thread():
 def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     runs = tmp_path / "runs"
     common = {"runs_dir": str(runs), "steps": "2", "save_every": "2"}
-    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2"}))
-    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run"}))
     run = runs / "shapes"
+    # the VAE as the Shapes recipe trains it: a first run in its own folder, the next from its weights
+    images = run / "vae-images"
+    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "out_dir": str(images)}))
+    init = str(images / "final.safetensors")
+    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init}))
+    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run"}))
     (run / "dmd").mkdir()
     shutil.copy(run / "teacher" / "final.safetensors", run / "dmd" / "final.safetensors")
 
@@ -39,7 +43,7 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     with safe_open(str(out / "dit.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     card = (out / "MODEL_CARD.md").read_text()
-    assert "| vae | 2 |" in card and "| teacher | 2 |" in card and "python -m training.distill vae" in card
+    assert "| vae-images | 2 |" in card and "| vae | 2 |" in card and "| teacher | 2 |" in card and "python -m training.distill vae" in card
     assert str(tmp_path) not in card and '"runs_dir": "runs"' in card  # no path of the training machine
     for part in files:
         with safe_open(str(out / part), "pt") as f:
