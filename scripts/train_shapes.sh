@@ -25,16 +25,7 @@ fi
 one() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
 stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
-# The VAE in three runs (docs/reproduction.md, "The VAE"): single frames until the outlines are crisp; then
-# the colour of each 8x8 cell weighted up (from step 0 that weight made training unstable); then 200 more
-# frames and 800 steps of 9-frame clips (the preset), which teach the temporal layers.
-VAE_IMAGES="$RUNS/shapes/vae-images"
-VAE_COLOUR="$RUNS/shapes/vae-colour"
-one vae --out-dir "$VAE_IMAGES" --steps 800 --image-steps 800 --lr 2e-4 --warmup-steps 200 --guide-steps 800 \
-  --colour-weight 0 --stats-samples 16 --resume
-one vae --out-dir "$VAE_COLOUR" --init "$VAE_IMAGES/final.safetensors" --steps 300 --image-steps 300 --lr 2e-4 \
-  --guide-steps 300 --stats-samples 16 --resume
-one vae --init "$VAE_COLOUR/final.safetensors" --resume
+one vae --resume
 stage precompute
 stage teacher --data "$LATENTS" --resume
 stage ode-pairs

@@ -193,14 +193,11 @@ _STAGE: dict[str, dict[str, dict[str, Any]]] = {
         "precompute": {"num_samples": 4, "shard_size": 2},
     },
     "shapes": {
-        # the last of the VAE's three runs (scripts/train_shapes.sh): 200 more single frames, then 800 steps
-        # of 9-frame clips, from the weights of the two image runs before it (--init)
-        "vae": {"steps": 1000, "image_steps": 200, "batch_size": 4, "lr": 1e-4, "grad_clip": 1.0,
-                "weight_decay": 0.0, "warmup_steps": 20, "object_weight": 3.0, "mask_weight": 1.0,
-                "guide": "colour", "guide_steps": 1000, "colour_weight": 10.0,
+        "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 5e-5, "grad_clip": 1.0,
+                "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0, "guide_steps": 600,
                 "save_every": 100, "sample_every": 500},
-        # v2 of embedded:shapes ran these stages on 2 ranks (scripts/train_shapes.sh): batches are per rank
-        "teacher": {"steps": 6000, "lr_warmup": 100, "lr_decay": 0.3, "train_shift": 3.0},
+        # v1 of embedded:shapes ran these stages on 2 ranks (scripts/train_shapes.sh): batches are per rank
+        "teacher": {"steps": 7000, "lr_warmup": 100, "lr_decay": 0.3},
         "ode-pairs": {"num_samples": 512, "shard_size": 64},
         "ode-init": {"steps": 1000, "lr": 1e-4, "lr_decay": 0.3, "batch_size": 4},
         "dmd": {"steps": 1000, "lr": 2e-5, "batch_size": 4},
