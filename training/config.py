@@ -74,7 +74,7 @@ class TeacherConfig(RunConfig):
     sample_steps: int = 20
     sample_guidance: float = 6.0
     # shift of the training timestep grid; default: the sampler's (sampling.shift). A small model on few
-    # tokens wastes much of a shift-8 grid above sigma 0.9 (docs/training.md); the net is t-conditioned, so
+    # tokens spends much of a shift-8 grid above sigma 0.9 (docs/training.md); the net is t-conditioned, so
     # sampling with another shift afterwards is fine
     train_shift: float | None = None
 

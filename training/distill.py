@@ -293,7 +293,7 @@ def teacher_schedule(cfg: TeacherConfig) -> FlowSchedule:
     if cfg.train_shift is None:
         return FlowSchedule.from_config(cfg.sampling)
     if not cfg.train_shift > 0:
-        raise ConfigError(f"--train-shift must be a positive number (3 suits small models), got {cfg.train_shift}")
+        raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
     return FlowSchedule(cfg.train_shift, cfg.sampling.num_train_timesteps, cfg.sampling.exact_sigma)
 
 

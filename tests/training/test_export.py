@@ -28,7 +28,7 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     runs = tmp_path / "runs"
     common = {"runs_dir": str(runs), "steps": "2", "save_every": "2"}
     run = runs / "shapes"
-    # the VAE as the Shapes recipe trains it: a first run in its own folder, the next from its weights
+    # a VAE in runs as docs/training.md trains one: a first run in its own folder, the next from its weights
     images = run / "vae-images"
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "out_dir": str(images)}))
     init = str(images / "final.safetensors")
