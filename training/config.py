@@ -347,8 +347,11 @@ def validate(cfg: RunConfig) -> None:
     for key in ("steps", "batch_size", "save_every", "log_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
-    if isinstance(cfg, TeacherConfig) and cfg.kind not in ("bidirectional", "causal"):
-        raise ConfigError(f"--kind must be 'bidirectional' or 'causal', got {cfg.kind!r}")
+    if isinstance(cfg, TeacherConfig):
+        if cfg.kind not in ("bidirectional", "causal"):
+            raise ConfigError(f"--kind must be 'bidirectional' or 'causal', got {cfg.kind!r}")
+        if cfg.train_shift is not None and not cfg.train_shift > 0:
+            raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
     if isinstance(cfg, DMDConfig):
         if cfg.teacher_kind not in ("bidirectional", "causal"):
             raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")

@@ -9,6 +9,7 @@ generators seeded by (seed, s, r), so ``--resume`` continues bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -292,9 +293,7 @@ def teacher_schedule(cfg: TeacherConfig) -> FlowSchedule:
     """The grid the teacher's training timesteps are drawn from: ``--train-shift``, else the sampler's shift."""
     if cfg.train_shift is None:
         return FlowSchedule.from_config(cfg.sampling)
-    if not cfg.train_shift > 0:
-        raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
-    return FlowSchedule(cfg.train_shift, cfg.sampling.num_train_timesteps, cfg.sampling.exact_sigma)
+    return FlowSchedule.from_config(dataclasses.replace(cfg.sampling, shift=cfg.train_shift))
 
 
 def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
