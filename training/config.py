@@ -77,6 +77,9 @@ class TeacherConfig(RunConfig):
     # tokens spends much of a shift-8 grid above sigma 0.9 (docs/training.md); the net is t-conditioned, so
     # sampling with another shift afterwards is fine
     train_shift: float | None = None
+    # weight of the temporal-difference loss added to the flow loss (training/losses.py): the error in each
+    # latent frame relative to its neighbours, i.e. the motion; 0 trains on the flow loss alone
+    motion_weight: float = 0.0
 
 
 @dataclass
@@ -352,6 +355,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--kind must be 'bidirectional' or 'causal', got {cfg.kind!r}")
         if cfg.train_shift is not None and not cfg.train_shift > 0:
             raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
+        if not cfg.motion_weight >= 0:
+            raise ConfigError(f"--motion-weight must be 0 or more (e.g. 1), got {cfg.motion_weight}")
     if isinstance(cfg, DMDConfig):
         if cfg.teacher_kind not in ("bidirectional", "causal"):
             raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")

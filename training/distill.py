@@ -55,6 +55,7 @@ from .losses import (
     flow_matching_loss,
     grid_timesteps,
     ode_regression_loss,
+    temporal_difference_loss,
 )
 from .state import CheckpointManager, Trainable
 
@@ -297,7 +298,8 @@ def teacher_schedule(cfg: TeacherConfig) -> FlowSchedule:
 
 
 def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
-    """Flow-matching loss MSE(v, eps - x0) at t drawn from the shifted grid (per chunk when causal)."""
+    """Flow-matching loss MSE(v, eps - x0) at t drawn from the shifted grid (per chunk when causal), plus
+    ``motion_weight`` times the temporal-difference loss when it is set."""
     dev = ctx.device
     _say(ctx, memory_report({"teacher": True}, cfg, ctx))
     if cfg.init:
@@ -334,9 +336,15 @@ def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
         x_t = add_noise(x0, eps, sigma.to(dev))
         with dist.autocast(ctx, cfg.amp):
             v = model(x_t, tt.to(dev), text, chunk_sizes=chunks)
-        loss = poison(flow_matching_loss(v, eps, x0), step, cfg)
+        loss = flow_matching_loss(v, eps, x0)
+        out = {}
+        if cfg.motion_weight > 0:  # logged apart, so runs with and without it compare on the flow loss
+            motion = temporal_difference_loss(v, eps, x0)
+            out = {"flow_loss": dist.mean_across_ranks(loss, ctx), "motion_loss": dist.mean_across_ranks(motion, ctx)}
+            loss = loss + cfg.motion_weight * motion
+        loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
-        return {"loss": value, "grad_norm": update(t, loss, cfg)}
+        return {"loss": value, **out, "grad_norm": update(t, loss, cfg)}
 
     def sample_fn(step: int, folder: Path) -> None:
         _sample_teacher_video(raw, cfg, source, uncond, folder / "samples" / f"step_{step:06d}.mp4")

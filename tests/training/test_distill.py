@@ -247,3 +247,16 @@ def test_teacher_train_shift_moves_training_toward_mid_noise(tmp_path: Path) -> 
     assert not (tmp_path / "shapes" / "teacher" / "final.safetensors").exists()
     out = run(tmp_path, "teacher", "--steps", "4", "--train-shift", "3")
     assert len(out["rows"]) == 4 and all(np.isfinite(r["loss"]) for r in out["rows"])
+
+
+def test_teacher_motion_weight_adds_the_temporal_difference_loss(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--motion-weight must be 0 or more"):
+        run(tmp_path, "teacher", "--steps", "2", "--motion-weight", "-1")
+    assert not (tmp_path / "shapes" / "teacher").exists()
+    out = run(tmp_path, "teacher", "--steps", "3", "--motion-weight", "2")
+    for r in out["rows"]:  # the flow loss stays logged on its own, so runs compare with and without
+        assert r["loss"] == pytest.approx(r["flow_loss"] + 2 * r["motion_loss"], rel=1e-4)
+        assert r["motion_loss"] > 0
+    plain = run(tmp_path / "plain", "teacher", "--steps", "3")
+    assert "motion_loss" not in plain["rows"][0]
+    assert [r["loss"] for r in plain["rows"]][:1] == pytest.approx([out["rows"][0]["flow_loss"]], rel=1e-4)

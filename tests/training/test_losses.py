@@ -15,7 +15,9 @@ from training.losses import (
     dmd_gradient,
     dmd_loss,
     dmd_timesteps,
+    flow_matching_loss,
     ode_regression_loss,
+    temporal_difference_loss,
 )
 
 TINY = PRESETS["tiny"].dit
@@ -109,3 +111,19 @@ def test_critic_loss_sees_only_student_samples() -> None:
     s = sigma.item()
     assert torch.allclose(seen[0], (1 - s) * x_fake.detach() + s * eps, atol=1e-6)  # noised student sample
     assert x_fake.grad is None  # no gradient flows back into the generator's samples
+
+
+def test_temporal_difference_loss_sees_motion_errors_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    eps, x0 = torch.randn(2, 4, 5, 3, 3, generator=g), torch.randn(2, 4, 5, 3, 3, generator=g)
+    target = eps - x0
+    # the same error in every frame (an object drawn in the wrong place all along): no motion error
+    same = torch.randn(2, 4, 1, 3, 3, generator=g).expand(-1, -1, 5, -1, -1)
+    assert temporal_difference_loss(target + same, eps, x0).item() == pytest.approx(0.0, abs=1e-6)
+    assert flow_matching_loss(target + same, eps, x0).item() > 0.5
+    # an error in one frame only (that frame's object out of step with its neighbours): two differences
+    one = torch.zeros_like(target)
+    one[:, :, 2] = 1.0
+    assert temporal_difference_loss(target + one, eps, x0).item() == pytest.approx(2 / 4)
+    with pytest.raises(ValueError, match="at least 2 latent frames"):
+        temporal_difference_loss(target[:, :, :1], eps[:, :, :1], x0[:, :, :1])
