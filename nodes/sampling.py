@@ -10,7 +10,7 @@ from ..causvid_core.pipeline import RenderRequest, num_chunks, render, seconds_t
 from .common import Progress, latent_preview
 
 LENGTH_UNITS = ("frames", "seconds")
-ROPE_MODES = ("absolute", "window")
+ROPE_MODES = ("model", "absolute", "window")  # "model": the loaded model's own setting
 
 
 def stream_inputs() -> dict:
@@ -22,12 +22,15 @@ def stream_inputs() -> dict:
                              "tooltip": "video length, in the unit below; there is no upper limit"}),
         "length_unit": (list(LENGTH_UNITS), {"default": "frames"}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-        "kv_window": ("INT", {"default": 5, "min": 1, "max": 64,
-                              "tooltip": "recent chunks kept in the KV cache (5 + sink 1 + the new chunk = 21 frames)"}),
-        "kv_sink": ("INT", {"default": 1, "min": 0, "max": 16,
-                            "tooltip": "first chunks kept forever: they anchor the look of a long video"}),
-        "rope_mode": (list(ROPE_MODES), {"default": "absolute",
-                                         "tooltip": "frame positions past the window: absolute, or re-indexed"}),
+        "kv_window": ("INT", {"default": 0, "min": 0, "max": 64,
+                              "tooltip": "recent chunks kept in the KV cache; 0 = the model's own (5 for Wan "
+                                         "CausVid: 5 + sink 1 + the new chunk = 21 frames; 2 for embedded:shapes)"}),
+        "kv_sink": ("INT", {"default": -1, "min": -1, "max": 16,
+                            "tooltip": "first chunks kept forever, anchoring the look of a long video; "
+                                       "-1 = the model's own (1 for Wan CausVid, 0 for embedded:shapes)"}),
+        "rope_mode": (list(ROPE_MODES), {"default": "model",
+                                         "tooltip": "frame positions past the window: absolute, or re-indexed "
+                                                    "(window); model = the model's own"}),
         "recache_on_switch": ("BOOLEAN", {"default": True,
                                           "tooltip": "re-compute the cached window under a new prompt (smooth)"}),
     }  # fmt: skip
@@ -41,9 +44,13 @@ def plan(model, prompts, width, height, length, length_unit, seed, kv_window, kv
         width, height, frames, seed=seed, fps=model.fps, blend_chunks=prompts.blend_chunks,
         recache_on_switch=recache_on_switch,
     )  # fmt: skip
-    causal = dataclasses.replace(
-        model.causal, sink_chunks=kv_sink, window_chunks=kv_window, rope_mode=rope_mode
-    )
+    causal = model.causal  # the model's own settings (its trained horizon), each overridden when set
+    if kv_window > 0:
+        causal = dataclasses.replace(causal, window_chunks=kv_window)
+    if kv_sink >= 0:
+        causal = dataclasses.replace(causal, sink_chunks=kv_sink)
+    if rope_mode != "model":
+        causal = dataclasses.replace(causal, rope_mode=rope_mode)
     context_frames = 0 if context is None else context.shape[2]
     return request, causal, prompts.timeline(model.fps, causal, context_frames)
 

@@ -189,7 +189,7 @@ def render(wan: bool, prefix: str, length: float, **links: tuple[int, int]) -> N
     width, height = (832, 480) if wan else (64, 64)
     widgets = {
         "width": width, "height": height, "length": length, "length_unit": "seconds", "seed": 42,
-        "kv_window": 5, "kv_sink": 1, "rope_mode": "absolute", "recache_on_switch": True, "crf": 18,
+        "kv_window": 0, "kv_sink": -1, "rope_mode": "model", "recache_on_switch": True, "crf": 18,
         "filename_prefix": f"causvid/{prefix}", "return_frames": length <= 20, "resume": "",
     }  # fmt: skip
     return Node(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from causvid_core.video_io import probe_video
@@ -64,6 +65,22 @@ def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded) ->
     assert result.outputs["4"]["images"][0]["filename"] == path.name
     video = result.value("4", 2)  # ComfyUI's own VIDEO type, on hosts that have it (v0.3.75 does)
     assert video.get_dimensions() == (32, 32) and abs(video.get_duration() - 33 / 16) < 0.1
+
+
+def test_cache_inputs_default_to_the_models_own_settings(host, embedded) -> None:
+    """0 / -1 / 'model' render with the cache the checkpoint names (the test model: sink 1, window 2,
+    absolute); a value set on the node overrides it. 65 frames = 6 chunks, so the window rolls."""
+
+    def frames(**over):
+        result = host.execute(render_prompt(length=65, **over))
+        assert result.success, result.error
+        return result.value("4", 0)
+
+    own = frames(kv_window=0, kv_sink=-1, rope_mode="model")
+    assert np.array_equal(own, frames(kv_window=2, kv_sink=1, rope_mode="absolute"))
+    assert not np.array_equal(own, frames(kv_window=1, kv_sink=-1, rope_mode="model"))
+    assert not np.array_equal(own, frames(kv_window=0, kv_sink=0, rope_mode="model"))
+    assert not np.array_equal(own, frames(kv_window=0, kv_sink=-1, rope_mode="window"))
 
 
 def test_load_with_speed_options_renders_the_reference_frames(host, embedded) -> None:
