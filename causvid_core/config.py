@@ -166,6 +166,9 @@ PRESETS: dict[str, ModelPreset] = {
         name="shapes",
         dit=DiTConfig(dim=192, ffn_dim=512, num_heads=4, num_layers=6, freq_dim=64, text_dim=64, text_len=16),
         vae=VAEConfig(base_dim=16, num_res_blocks=1),
+        # streams on the horizon it is distilled on (3 chunks of 3 latent frames): a new chunk sees the 2
+        # before it at the positions it was trained at (docs/reproduction.md, Figure 8)
+        causal=CausalConfig(chunk_frames=3, sink_chunks=0, window_chunks=2, rope_mode="window"),
     ),
 }
 

@@ -13,7 +13,7 @@ COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
 VAE="$RUN/vae/final.safetensors"
 OUT="$RUN/eval"
 PROMPTS=${PROMPTS:-64}
-DRIFT_PROMPTS=${DRIFT_PROMPTS:-4}
+DRIFT_PROMPTS=${DRIFT_PROMPTS:-12}
 mkdir -p "$OUT"
 
 NPROC=${NPROC:-2}  # ranks of one thread each, as scripts/train_shapes.sh
@@ -25,7 +25,10 @@ fi
 stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
 # Ablation trainings, each with the same step budget as its counterpart in the recipe.
-stage teacher --kind causal --data "$RUN/latents" --resume        # causal many-step teacher
+# causal many-step teacher, in two runs as the recipe's teacher
+stage teacher --kind causal --data "$RUN/latents" --out-dir "$RUN/teacher-causal-base" --resume
+stage teacher --kind causal --data "$RUN/latents" --init "$RUN/teacher-causal-base/final.safetensors" --steps 3500 \
+      --lr 2e-4 --resume
 stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
 stage dmd --teacher-kind causal --resume                          # ODE init + causal teacher
 

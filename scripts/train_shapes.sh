@@ -27,7 +27,9 @@ stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "
 
 one vae --resume
 stage precompute
-stage teacher --data "$LATENTS" --resume
+# the teacher in two runs (version 3): version 1's 7000 steps, then 3500 more from its weights at lr 2e-4
+stage teacher --data "$LATENTS" --out-dir "$RUNS/shapes/teacher-base" --resume
+stage teacher --data "$LATENTS" --init "$RUNS/shapes/teacher-base/final.safetensors" --steps 3500 --lr 2e-4 --resume
 stage ode-pairs
 stage ode-init --resume
 stage dmd --resume

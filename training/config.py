@@ -180,7 +180,7 @@ _COMMON: dict[str, dict[str, Any]] = {
         "data_size": 2, "vae": "pool", "amp": False,
     },
     "shapes": {
-        "dit": SHAPES_DIT, "height": 64, "width": 64, "num_frames": 33, "batch_size": 8,
+        "dit": SHAPES_DIT, "causal": PRESETS["shapes"].causal, "height": 64, "width": 64, "num_frames": 33, "batch_size": 8,
         "lr": 3e-4, "vae": "run", "save_every": 200, "log_every": 10, "sample_every": 500,
     },
     "wan2.1-t2v-1.3b": {

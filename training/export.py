@@ -25,7 +25,10 @@ from causvid_core.text import ShapesTextEncoder
 from .state import save_weights
 
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
-STAGES = ("vae-images", "vae-colour", "vae", "vae-decoder", "latents", "teacher", "ode-pairs", "ode-init", "dmd")
+# the card's stage folders in recipe order; vae-images / vae-colour and teacher-base are the earlier runs of a
+# stage trained in several (docs/training.md), each continued with --init by the next
+STAGES = ("vae-images", "vae-colour", "vae", "vae-decoder", "latents", "teacher-base", "teacher", "ode-pairs",
+          "ode-init", "dmd")
 
 
 def _meta(path: Path) -> dict[str, str]:

@@ -33,7 +33,11 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "out_dir": str(images)}))
     init = str(images / "final.safetensors")
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init}))
-    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run"}))
+    # the teacher in two runs as the recipe trains it: teacher-base, then continued from its weights
+    base = run / "teacher-base"
+    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run", "out_dir": str(base)}))
+    init = str(base / "final.safetensors")
+    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run", "init": init}))
     (run / "dmd").mkdir()
     shutil.copy(run / "teacher" / "final.safetensors", run / "dmd" / "final.safetensors")
 
@@ -43,7 +47,9 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     with safe_open(str(out / "dit.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     card = (out / "MODEL_CARD.md").read_text()
-    assert "| vae-images | 2 |" in card and "| vae | 2 |" in card and "| teacher | 2 |" in card and "python -m training.distill vae" in card
+    assert "| vae-images | 2 |" in card and "| vae | 2 |" in card and "| teacher | 2 |" in card
+    assert card.index("| teacher-base | 2 |") < card.index("| teacher | 2 |")
+    assert "python -m training.distill vae" in card
     assert str(tmp_path) not in card and '"runs_dir": "runs"' in card  # no path of the training machine
     for part in files:
         with safe_open(str(out / part), "pt") as f:
