@@ -199,7 +199,8 @@ _STAGE: dict[str, dict[str, dict[str, Any]]] = {
         "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 5e-5, "grad_clip": 1.0,
                 "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0, "guide_steps": 600,
                 "save_every": 100, "sample_every": 500},
-        # v1 of embedded:shapes ran these stages on 2 ranks (scripts/train_shapes.sh): batches are per rank
+        # embedded:shapes ran these stages on 2 ranks (scripts/train_shapes.sh): batches are per rank. Since
+        # version 3 the teacher's 7000 steps are its first run (teacher-base), continued for 3500 more
         "teacher": {"steps": 7000, "lr_warmup": 100, "lr_decay": 0.3},
         "ode-pairs": {"num_samples": 512, "shard_size": 64},
         "ode-init": {"steps": 1000, "lr": 1e-4, "lr_decay": 0.3, "batch_size": 4},
