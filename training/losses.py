@@ -24,8 +24,9 @@ def temporal_difference_loss(v_pred: Tensor, eps: Tensor, x0: Tensor) -> Tensor:
 
     The plain loss weighs an object drawn in the wrong place the same whether every frame is off by
     the same amount or each frame by a different one; this term only sees the second kind: the errors
-    in where each frame has the object relative to its neighbours, i.e. in the motion. Equal to the
-    MSE of the differences of the x0 prediction divided by sigma^2 (x0 = x_t - sigma v).
+    in where each frame has the object relative to its neighbours, i.e. in the motion. With one sigma
+    for the whole clip (the bidirectional teacher) it is the MSE of the frame-to-frame differences of
+    the x0 prediction's error divided by sigma^2 (x0 = x_t - sigma v).
     """
     if v_pred.shape[2] < 2:
         raise ValueError(f"temporal_difference_loss needs at least 2 latent frames, got {v_pred.shape[2]}")
