@@ -147,7 +147,8 @@ class VAETrainConfig(RunConfig):
     object_weight: float = 10.0  # loss weight of object pixels (those far from the background)
     image_steps: int = 0  # first steps train on single frames (image_batch of them): cheap, diverse
     image_batch: int = 16
-    warmup_steps: int = 100  # linear lr warm-up; the last 30% of steps decay linearly to 10% of lr
+    lr_warmup: int = 100  # the VAE's own defaults for the shared lr schedule (RunConfig)
+    lr_decay: float = 0.3
     skip_grad_norm: float = 20.0  # a step whose gradient norm (before clipping) exceeds this is skipped
     guide_steps: int = 0  # pooled-colour guide at full weight this long, then faded out as long again
     guide: str = "pool"  # 'pool' (8x8 mean colour, rank 3), 'quadrants' (4x4 means, rank 12), or 'colour':
@@ -197,7 +198,7 @@ _STAGE: dict[str, dict[str, dict[str, Any]]] = {
     },
     "shapes": {
         "vae": {"steps": 3000, "image_steps": 2200, "batch_size": 4, "lr": 5e-5, "grad_clip": 1.0,
-                "weight_decay": 0.0, "warmup_steps": 200, "object_weight": 3.0, "guide_steps": 600,
+                "weight_decay": 0.0, "lr_warmup": 200, "object_weight": 3.0, "guide_steps": 600,
                 "save_every": 100, "sample_every": 500},
         # embedded:shapes ran these stages on 2 ranks (scripts/train_shapes.sh): batches are per rank. Since
         # version 3 the teacher's 7000 steps are its first run (teacher-base), continued for 3500 more
@@ -271,6 +272,9 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
     return text
 
 
+RENAMED = {"warmup_steps": "lr_warmup"}  # old option names, answered with the new one
+
+
 def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = False) -> Any:
     """Return ``cfg`` with dotted keys replaced (values parsed from strings when ``strings``)."""
     nested: dict[str, dict[str, Any]] = {}
@@ -279,6 +283,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = Fals
     for raw_key, value in overrides.items():
         key = raw_key.replace("-", "_")
         head, _, rest = key.partition(".")
+        if head in RENAMED and head not in table:
+            raise ConfigError(f"--{raw_key} is now --{RENAMED[head].replace('_', '-')} (the same option in every stage)")
         if head not in table:
             close = difflib.get_close_matches(head, list(table), n=3)
             hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""

@@ -270,15 +270,6 @@ def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict
             "causvid_training": training_json}  # fmt: skip
 
 
-def lr_factor(step: int, cfg: VAETrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, constant, then a linear decay to 0.1 over the last 30%."""
-    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    decay_start = int(0.7 * cfg.steps)
-    if step < decay_start:
-        return warm
-    return warm * (1.0 - 0.9 * (step - decay_start) / max(cfg.steps - decay_start, 1))
-
-
 def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     from .distill import _say, checked, poison, randn, step_generator, train_loop
 
@@ -322,8 +313,6 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if cfg.inflate and 0 < cfg.image_steps == step and not cfg.decoder_only:
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
-        for group in t.opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
         with dist.autocast(ctx, cfg.amp):
             loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
@@ -350,7 +339,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         # A gradient spike would undo the progress: skip it (large norms are normal during warm-up). But
         # five large norms in a row are the new level, not a spike (skipping on would freeze the weights
         # for good): take that step, clipped as always. A non-finite norm is always skipped.
-        spike = step >= cfg.warmup_steps and not norm < cfg.skip_grad_norm
+        spike = step >= cfg.lr_warmup and not norm < cfg.skip_grad_norm
         skipped = not math.isfinite(norm) or (spike and guard.get("skips", 0) < SKIPS_IN_A_ROW)
         guard["skips"] = guard.get("skips", 0) + 1 if skipped else 0
         if not skipped:

@@ -10,7 +10,7 @@ from causvid_core.bundle import LATENTS_META
 from causvid_core.config import PRESETS
 from causvid_core.vae import WanVAE, latent_stats_of, load_wan_vae
 from training import distill
-from training.config import ConfigError, make_config
+from training.config import ConfigError, make_config, parse_cli
 from training.data import build_codec
 from training.shapes import ShapesDataset, render_video, to_model_range
 from training.vae_stage import LATENTS_META as STAGE_META
@@ -33,7 +33,7 @@ def test_metadata_key_matches_the_bundle() -> None:
 def test_vae_stage_learns_and_stores_latent_statistics(tmp_path) -> None:
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "40", "save_every": "40",
                                       "lr": "3e-3", "stats_samples": "8", "clip_frames": "5",
-                                      "warmup_steps": "5"})  # fmt: skip
+                                      "lr_warmup": "5"})  # fmt: skip
     assert cfg.data_size == 2  # the tiny preset cycles over two clips: the loss must fall on them
     result = distill.run("vae", cfg)
     rows = result["rows"]
@@ -41,6 +41,8 @@ def test_vae_stage_learns_and_stores_latent_statistics(tmp_path) -> None:
     last = np.mean([r["psnr"] for r in rows[-5:]])
     assert last > first + 3.0, (first, last)  # reconstruction improves (dB)
     assert all("wall_s" in r for r in rows) and rows[-1]["wall_s"] > rows[0]["wall_s"]
+    lrs = [r["lr"] for r in rows]  # the shared schedule: warm-up, then the last 30% fall toward 10%
+    assert lrs[0] < lrs[4] == pytest.approx(3e-3) == lrs[27] and lrs[-1] < 0.2 * 3e-3
 
     final = tmp_path / "shapes" / "vae" / "final.safetensors"
     stats = latent_stats_of(final)
@@ -55,6 +57,18 @@ def test_vae_stage_learns_and_stores_latent_statistics(tmp_path) -> None:
     clips = torch.stack([ShapesDataset(cfg.num_frames, cfg.height, seed=99).sample(i)[0] for i in range(8)])
     z = codec.encode(clips).transpose(0, 1).reshape(16, -1)
     assert z.mean(1).abs().max() < 0.6 and (z.std(1) - 1).abs().max() < 0.5
+
+
+def test_vae_lr_options_are_the_other_stages_ones(tmp_path) -> None:
+    """--lr-decay 0 keeps the VAE's lr constant after warm-up (it used to be overridden by a fixed 30%
+    decay), and the old --warmup-steps answers with its new name."""
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "6", "save_every": "6",
+                                      "stats_samples": "2", "clip_frames": "5", "lr": "1e-3",
+                                      "lr_warmup": "2", "lr_decay": "0"})  # fmt: skip
+    lrs = [r["lr"] for r in distill.run("vae", cfg)["rows"]]
+    assert lrs == pytest.approx([5e-4] + [1e-3] * 5)
+    with pytest.raises(ConfigError, match="--warmup-steps is now --lr-warmup"):
+        parse_cli("vae", ["--warmup-steps", "5"])
 
 
 def test_run_vae_missing_names_the_command(tmp_path) -> None:
@@ -95,7 +109,7 @@ def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monke
 
     monkeypatch.setattr(vae_stage, "vae_loss", jumpy)
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "26", "save_every": "26",
-                                      "lr": "1e-3", "stats_samples": "2", "warmup_steps": "2"})  # fmt: skip
+                                      "lr": "1e-3", "stats_samples": "2", "lr_warmup": "2"})  # fmt: skip
     rows = distill.run("vae", cfg)["rows"]
     flags = [r["rolled_back"] for r in rows]
     assert flags[22] == 1.0 and sum(flags) == 1.0  # only the jump, and the steps after it train again
@@ -107,7 +121,7 @@ def test_large_gradients_are_skipped_as_spikes_but_not_forever(tmp_path) -> None
     norm is the new level and the step is taken: skipping on would leave the weights frozen for the rest
     of the run (a tiny run at lr 3e-3 was seen to skip every step from step 16 to the end)."""
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "13", "save_every": "13",
-                                      "stats_samples": "2", "clip_frames": "5", "warmup_steps": "1",
+                                      "stats_samples": "2", "clip_frames": "5", "lr_warmup": "1",
                                       "skip_grad_norm": "1e-9"})  # fmt: skip
     rows = distill.run("vae", cfg)["rows"]
     flags = [int(r["skipped"]) for r in rows]
@@ -184,7 +198,7 @@ def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> 
     from training.vae_stage import mask_loss
 
     base = {"runs_dir": str(tmp_path), "save_every": "20", "stats_samples": "8", "clip_frames": "5",
-            "warmup_steps": "2"}  # fmt: skip
+            "lr_warmup": "2"}  # fmt: skip
     distill.run("vae", make_config("vae", "tiny", {**base, "steps": "20", "lr": "3e-3"}))
     before = load_file(str(tmp_path / "shapes" / "vae" / "final.safetensors"))
     cfg = make_config("vae", "tiny", {**base, "steps": "30", "lr": "2e-3", "decoder_only": "true",
