@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,10 @@ def score_items(
     drift: bool = False,
     window_s: float = 5.0,
     background: str | None = None,
+    on_video: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Score (name, prompt, video uint8 [F, H, W, 3], fps) items: per-video figures, summary, drift."""
+    """Score (name, prompt, video uint8 [F, H, W, 3], fps) items: per-video figures, summary, drift.
+    ``on_video(videos so far)`` is called after each video (progress, partial results)."""
     videos, drifts = [], []
     for name, prompt, video, fps in items:
         if drift:
@@ -60,6 +63,8 @@ def score_items(
         else:
             figures = score_video(video, prompt, background)
         videos.append({"name": name, "prompt": prompt, **figures})
+        if on_video is not None:
+            on_video(videos)
     if not videos:
         raise ValueError("no videos to score")
     result: dict[str, Any] = {"summary": _mean_dicts(videos), "videos": videos}
@@ -77,6 +82,7 @@ def evaluate(
     drift: bool = False,
     window_s: float = 5.0,
     background: str | None = None,
+    on_video: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Generate one video per (prompt, seed) with ``generate_fn`` and score them all."""
     if len(prompts) != len(seeds):
@@ -86,7 +92,27 @@ def evaluate(
         (f"{i:03d}_seed{s}", p, generate_fn(p, s, num_frames), float(fps))
         for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
     )
-    return score_items(items, drift=drift, window_s=window_s, background=background)
+    return score_items(items, drift=drift, window_s=window_s, background=background, on_video=on_video)
+
+
+class _Progress:
+    """After each video: one line on stderr (count, its figures, elapsed time) and, with ``--json``, the
+    figures so far written there with ``"partial": true``, so a long evaluation stopped part-way keeps
+    the videos it finished. The final result overwrites the file."""
+
+    def __init__(self, total: int | None, json_path: Path | None) -> None:
+        self.total, self.json_path, self.t0 = total, json_path, time.perf_counter()
+
+    def __call__(self, videos: list[dict[str, Any]]) -> None:
+        v = videos[-1]
+        of = f"/{self.total}" if self.total else ""
+        figs = " / ".join(f"{v[k]:.1f}" for k in FIGURES)
+        print(f"[{len(videos)}{of}] {v['name']} {v['prompt']!r}: {figs} (text / temporal / frame), "
+              f"{time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = {"partial": True, "summary": _mean_dicts(videos), "videos": videos}
+            self.json_path.write_text(json.dumps(partial, indent=2))
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
@@ -239,15 +265,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     drift = args.drift is not None
     background = "estimate" if args.estimate_background else None
     if args.videos is not None:
-        result = score_items(
-            _folder_items(args.videos), drift=drift, window_s=args.window, background=background
-        )
+        result = score_items(_folder_items(args.videos), drift=drift, window_s=args.window,
+                             background=background, on_video=_Progress(None, args.json))  # fmt: skip
     elif args.model or args.teacher:
         fn = _model_fn(args)
         prompts = prompt_set(max(args.prompts, 6), args.seed)[: args.prompts]
         seeds = [args.seed + i for i in range(len(prompts))]
         result = evaluate(fn, prompts, seeds, args.seconds, drift=drift, window_s=args.window,
-                          background=background)  # fmt: skip
+                          background=background, on_video=_Progress(len(prompts), args.json))  # fmt: skip
     else:
         n = args.ground_truth
         if n < 1:
@@ -262,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             drift=drift,
             window_s=args.window,
             background=background,
+            on_video=_Progress(n, args.json),
         )
     print(format_table(result))
     if args.json is not None:

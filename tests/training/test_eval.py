@@ -40,6 +40,36 @@ def test_ground_truth_cli_writes_json_with_figures_near_100(tmp_path: Path, caps
     assert "MEAN" in capsys.readouterr().out
 
 
+def test_an_evaluation_stopped_part_way_keeps_the_videos_it_finished(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long evaluation (2-minute drift videos take minutes each) reports each video as it finishes and
+    keeps the finished ones in --json, marked partial, when stopped; a complete run is not marked."""
+    import training.eval as ev
+
+    calls = {"n": 0}
+
+    def render_then_stop(prompt: str, seed: int, num_frames: int) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return render_video(prompt, seed, num_frames)
+
+    monkeypatch.setattr(ev, "render_video", render_then_stop)
+    out = tmp_path / "gt.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--ground-truth", "4", "--seconds", "1", "--json", str(out)])
+    kept = json.loads(out.read_text())
+    assert kept["partial"] is True and [v["name"] for v in kept["videos"]] == ["000_seed0", "001_seed1"]
+    assert kept["summary"]["text_alignment"] >= 95
+    err = capsys.readouterr().err
+    assert "[1/4] 000_seed0" in err and "[2/4] 001_seed1" in err
+
+    monkeypatch.setattr(ev, "render_video", render_video)
+    main(["--ground-truth", "2", "--seconds", "1", "--json", str(out)])
+    assert "partial" not in json.loads(out.read_text())
+
+
 def test_module_runs_as_a_script(tmp_path: Path) -> None:
     out = tmp_path / "gt.json"
     cmd = [sys.executable, "-m", "training.eval", "--ground-truth", "2", "--seconds", "1", "--json", str(out)]
