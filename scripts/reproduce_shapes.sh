@@ -50,6 +50,8 @@ ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompt
    --seconds 120 --drift "$OUT/drift-causal-dmd.png"
 ev drift-ours --model "$RUN/dmd/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
    --drift "$OUT/drift-ours.png"
+"$PY" -m training.eval --compare "$OUT/drift-teacher.json=bidirectional teacher, sliding windows" \
+   "$OUT/drift-causal-dmd.json=ODE init + causal teacher" "$OUT/drift-ours.json=ours" --drift "$OUT/figure8.png"
 
 # Zero-shot applications of ours.
 "$PY" -m training.zero_shot --model "$RUN/dmd/final.safetensors" --vae "$VAE" --json "$OUT/zero-shot.json"

@@ -4,8 +4,9 @@ Sources of videos:
 - ``--videos DIR``: mp4 files plus ``prompts.json`` (``{"file.mp4": "a red circle moving right"}``)
   or ``prompts.csv`` (``file,prompt`` rows, header optional);
 - ``--ground-truth N``: N rendered videos of ``prompt_set(N)`` (a sanity check: all figures near 100).
-Prints a table, writes ``--json PATH`` and, with ``--drift PNG``, the per-window curves (Figure 8 in
-miniature). ``evaluate(generate_fn, prompts, seeds, seconds)`` is the entry point for models.
+Prints a table, writes ``--json PATH`` and, with ``--drift PNG``, the per-window curves.
+``--compare A.json=LABEL B.json=LABEL --drift PNG`` draws earlier runs' curves side by side, one panel
+per figure (Figure 8 in miniature). ``evaluate(generate_fn, prompts, seeds, seconds)`` is the entry point for models.
 """
 
 from __future__ import annotations
@@ -208,6 +209,65 @@ def plot_drift(windows: Sequence[dict[str, float]], path: str | Path, title: str
     img.save(str(path))
 
 
+MODEL_COLOURS = ((40, 80, 230), (230, 40, 40), (40, 160, 60), (200, 130, 0), (130, 60, 200), (90, 90, 90))
+
+
+def _read_drift(spec: str) -> tuple[str, list[dict[str, float]]]:
+    """``PATH[=LABEL]`` of a ``--json`` file written with ``--drift`` -> (label, windows)."""
+    path, _, label = spec.partition("=")
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--compare {spec}: cannot read {path} ({err})") from None
+    if not result.get("drift"):
+        raise SystemExit(f"--compare {spec}: {path} has no per-window figures; evaluate with --drift PNG "
+                         "--json PATH (and --seconds longer than --window) to write them")  # fmt: skip
+    return label or Path(path).stem, result["drift"]
+
+
+def plot_drift_comparison(curves: Sequence[tuple[str, Sequence[dict[str, float]]]], path: str | Path) -> None:
+    """Figure 8 in miniature: one panel per figure (text, temporal, frame), one line per model against
+    time; each panel's value axis spans the curves' range (at least 20 points) so differences show."""
+    from PIL import Image, ImageDraw
+
+    pw, ph, left, right, top, bottom = 380, 300, 45, 15, 30, 40
+    legend = 22 * len(curves) + 10
+    img = Image.new("RGB", (3 * pw, ph + legend), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    t_end = max(win["end_s"] for _, ws in curves for win in ws)
+    for p, key in enumerate(FIGURES):
+        x0 = p * pw
+        vals = [win.get(key, 0.0) for _, ws in curves for win in ws]
+        lo, hi = min(vals), max(vals)
+        mid, span = (lo + hi) / 2, max(hi - lo + 6.0, 20.0)
+        lo, hi = max(0.0, mid - span / 2), min(100.0, mid + span / 2)
+
+        def xy(t: float, v: float, x0: int = x0, lo: float = lo, hi: float = hi) -> tuple[float, float]:
+            return (x0 + left + (pw - left - right) * t / t_end,
+                    top + (ph - top - bottom) * (1 - (v - lo) / max(hi - lo, 1e-6)))  # fmt: skip
+
+        for v in np.linspace(lo, hi, 5):
+            y = xy(0, float(v))[1]
+            draw.line([(x0 + left, y), (x0 + pw - right, y)], fill=(225, 225, 225))
+            draw.text((x0 + 8, y - 6), f"{v:.0f}", fill=(0, 0, 0))
+        for t in np.linspace(0, t_end, 5):
+            x = xy(float(t), lo)[0]
+            draw.text((x - 10, ph - bottom + 6), f"{t:.0f}s", fill=(0, 0, 0))
+        draw.rectangle([x0 + left, top, x0 + pw - right, ph - bottom], outline=(0, 0, 0))
+        draw.text((x0 + left + 5, 10), key.replace("_", " "), fill=(0, 0, 0))
+        for (_, ws), colour in zip(curves, MODEL_COLOURS, strict=False):
+            pts = [xy((w["start_s"] + w["end_s"]) / 2, w.get(key, 0.0)) for w in ws]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for x, y in pts:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    for i, ((label, _), colour) in enumerate(zip(curves, MODEL_COLOURS, strict=False)):
+        y = ph + 5 + 22 * i
+        draw.line([(left, y + 6), (left + 30, y + 6)], fill=colour, width=3)
+        draw.text((left + 40, y), label, fill=(0, 0, 0))
+    img.save(str(path))
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -215,6 +275,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--ground-truth", type=int, metavar="N", help="score N rendered ground-truth videos")
     src.add_argument("--model", help="stream videos with a causal student: embedded:NAME or a checkpoint")
     src.add_argument("--teacher", help="sample videos with a many-step teacher checkpoint (sliding windows)")
+    src.add_argument("--compare", nargs="+", metavar="JSON[=LABEL]",
+                     help="plot the drift curves of earlier --drift runs side by side into --drift PNG")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=64, help="with --model/--teacher: prompts (default 64)")
     ap.add_argument("--vae", help="VAE weights (default: the embedded model's; needed for checkpoints)")
     ap.add_argument("--teacher-steps", type=int, default=50, help="Euler steps of --teacher (default 50)")
@@ -263,6 +325,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry: score, print the table, write JSON / PNG; returns the result dict."""
     args = _parse_args(argv)
     drift = args.drift is not None
+    if args.compare:
+        if len(args.compare) > len(MODEL_COLOURS):
+            raise SystemExit(f"--compare takes at most {len(MODEL_COLOURS)} runs, got {len(args.compare)}")
+        if not drift:
+            raise SystemExit("--compare needs --drift PNG: the file to draw the comparison into")
+        curves = [_read_drift(spec) for spec in args.compare]
+        plot_drift_comparison(curves, args.drift)
+        for label, ws in curves:
+            first, last = ws[0], ws[-1]
+            print(f"{label}: " + ", ".join(f"{k.split('_')[0]} {first[k]:.1f} -> {last[k]:.1f}" for k in FIGURES))
+        return {"compare": dict(curves)}
     background = "estimate" if args.estimate_background else None
     if args.videos is not None:
         result = score_items(_folder_items(args.videos), drift=drift, window_s=args.window,

@@ -70,6 +70,32 @@ def test_an_evaluation_stopped_part_way_keeps_the_videos_it_finished(
     assert "partial" not in json.loads(out.read_text())
 
 
+def test_compare_draws_each_runs_drift_curves_and_names_a_missing_drift(tmp_path: Path) -> None:
+    """Figure 8 in miniature: --compare draws the per-window curves of earlier --drift runs, one line per
+    run in each of the three panels; a run scored without --drift is refused with the fix."""
+    from PIL import Image
+
+    from training.eval import MODEL_COLOURS
+
+    for name, seed in (("a", "0"), ("b", "5")):
+        main(["--ground-truth", "2", "--seconds", "10", "--seed", seed, "--json", str(tmp_path / f"{name}.json"),
+              "--drift", str(tmp_path / f"{name}.png")])  # fmt: skip
+    out = tmp_path / "cmp.png"
+    result = main(["--compare", f"{tmp_path / 'a.json'}=first", str(tmp_path / "b.json"), "--drift", str(out)])
+    assert list(result["compare"]) == ["first", "b"] and len(result["compare"]["b"]) == 2
+    img = np.asarray(Image.open(out).convert("RGB"))
+    third = img.shape[1] // 3
+    for panel in range(3):  # every panel holds both runs' lines
+        part = img[:, panel * third : (panel + 1) * third].reshape(-1, 3)
+        for colour in MODEL_COLOURS[:2]:
+            assert (np.abs(part.astype(int) - colour).sum(1) == 0).any(), (panel, colour)
+    main(["--ground-truth", "1", "--seconds", "2", "--json", str(tmp_path / "flat.json")])
+    with pytest.raises(SystemExit, match="no per-window figures; evaluate with --drift"):
+        main(["--compare", str(tmp_path / "flat.json"), "--drift", str(out)])
+    with pytest.raises(SystemExit, match="--compare needs --drift PNG"):
+        main(["--compare", str(tmp_path / "a.json")])
+
+
 def test_module_runs_as_a_script(tmp_path: Path) -> None:
     out = tmp_path / "gt.json"
     cmd = [sys.executable, "-m", "training.eval", "--ground-truth", "2", "--seconds", "1", "--json", str(out)]
