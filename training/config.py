@@ -86,7 +86,10 @@ class TeacherConfig(RunConfig):
 class OdePairsConfig(RunConfig):
     """The teacher's multi-step CFG trajectories, stored at the student's timesteps."""
 
-    teacher: str | None = None  # default: {runs_dir}/{name}/teacher/final.safetensors
+    teacher: str | None = None  # default: {runs_dir}/{name}/teacher/final.safetensors (teacher-causal when causal)
+    # 'causal': sample a block-causal teacher (teacher --kind causal) chunk-causally, as it was trained;
+    # the pairs go to ode-pairs-causal-teacher so they cannot be mistaken for the bidirectional teacher's
+    teacher_kind: str = "bidirectional"
     negative: str | None = None  # safetensors with 'context' [1, L, D]; default: the empty prompt
     num_samples: int = 64
     shard_size: int = 16
@@ -108,7 +111,11 @@ class DMDConfig(RunConfig):
 
     teacher: str | None = None  # real score; default teacher/final (or teacher-causal/final)
     teacher_kind: str = "bidirectional"  # or 'causal'
-    critic_init: str | None = None  # default: the bidirectional teacher
+    # the critic (fake score) mirrors the real score by default: the same kind (block-causal for a causal
+    # teacher) and the same initial weights, so the two agree where the student already matches the data;
+    # 'bidirectional' with a causal teacher is version 3's ablation (critic from the bidirectional teacher)
+    critic_kind: str | None = None  # default: teacher_kind
+    critic_init: str | None = None  # default: the teacher of critic_kind
     generator_init: str | None = None  # default: ode-init/final (the teacher with --skip-ode-init)
     skip_ode_init: bool = False
     input: str = "ode"  # generator input: 'ode' (ODE-final latents) or 'data' (data latents)
@@ -237,7 +244,11 @@ def stage_name(cfg: RunConfig) -> str:
             name += "-no-ode-init"
         if cfg.teacher_kind == "causal":
             name += "-causal-teacher"
+            if cfg.critic_kind == "bidirectional":
+                name += "-bidirectional-critic"
         return name
+    if isinstance(cfg, OdePairsConfig) and cfg.teacher_kind == "causal":
+        return "ode-pairs-causal-teacher"
     return {OdePairsConfig: "ode-pairs", OdeInitConfig: "ode-init", PrecomputeConfig: "latents"}[type(cfg)]
 
 
@@ -364,9 +375,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
         if not cfg.motion_weight >= 0:
             raise ConfigError(f"--motion-weight must be 0 or more (e.g. 1), got {cfg.motion_weight}")
-    if isinstance(cfg, DMDConfig):
+    if isinstance(cfg, (DMDConfig, OdePairsConfig)):
         if cfg.teacher_kind not in ("bidirectional", "causal"):
             raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")
+    if isinstance(cfg, DMDConfig):
+        if cfg.critic_kind not in (None, "bidirectional", "causal"):
+            raise ConfigError(f"--critic-kind must be 'bidirectional' or 'causal', got {cfg.critic_kind!r}")
         if cfg.input not in ("ode", "data"):
             raise ConfigError(f"--input must be 'ode' or 'data', got {cfg.input!r}")
         if cfg.critic_steps < 1:

@@ -138,6 +138,29 @@ def load_dit(path: Path, cfg: RunConfig, device: torch.device, trainable: bool) 
     return model.train().requires_grad_(True) if trainable else model.eval().requires_grad_(False)
 
 
+def recorded_kind(path: Path) -> str | None:
+    """'bidirectional' or 'causal' for a teacher checkpoint of ``teacher`` (its recorded --kind); None when
+    the file records no teacher training (a Wan checkpoint, a student)."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("causvid_training")
+    record = json.loads(text) if text else {}
+    return record.get("kind") if record.get("stage_config") == "TeacherConfig" else None
+
+
+def check_kind(path: Path, kind: str, option: str) -> None:
+    """Refuse a teacher checkpoint trained as the other kind: sampled with the wrong mask it scores nonsense."""
+    found = recorded_kind(path)
+    if found is not None and found != kind:
+        raise ConfigError(
+            f"{path} is a {found} teacher (trained with teacher --kind {found}) but {option} is {kind}; "
+            f"pass {option} {found}, or a {kind} teacher checkpoint"
+        )
+
+
 def count_params(cfg: RunConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in CausalWanModel(cfg.dit).parameters())
@@ -380,14 +403,20 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     from .data import write_shard
 
     dev = ctx.device
-    path = require(cfg.teacher, stage_dir(cfg, "teacher") / "final.safetensors", "teacher checkpoint",
-                   make_command("teacher", cfg), "--teacher")  # fmt: skip
+    causal = cfg.teacher_kind == "causal"
+    path = require(cfg.teacher, stage_dir(cfg, "teacher-causal" if causal else "teacher") / "final.safetensors",
+                   f"{cfg.teacher_kind} teacher checkpoint",
+                   make_command("teacher", cfg, " --kind causal" if causal else ""), "--teacher")  # fmt: skip
+    check_kind(path, cfg.teacher_kind, "--teacher-kind")
     _say(ctx, memory_report({"teacher": False}, cfg, ctx))
     teacher = load_dit(path, cfg, dev, trainable=False)
     source = build_source(cfg)
     keep, kept_t = keep_indices(cfg)
     _say(ctx, f"keeping teacher steps {keep} (t = {[round(t, 1) for t in kept_t]}) and x0")
-    folder = stage_dir(cfg, "ode-pairs")
+    # a causal teacher denoises every chunk at once under its block-causal mask, as it is evaluated
+    frames = latent_shape(cfg)[1]
+    chunks = chunk_layout(frames, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames) if causal else None
+    folder = stage_dir(cfg, stage_name(cfg))
     neg = uncond_context(cfg, cfg.negative).to(dev)
     n_shards = math.ceil(cfg.num_samples / cfg.shard_size)
     written = []
@@ -407,9 +436,11 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
                 cond = teacher.encode_context(text[a : a + len(sub)].to(dev))
                 unc = teacher.encode_context(neg.expand(len(sub), -1, -1))
                 x0, kept = sample_teacher(teacher, noise, cond, unc, num_steps=cfg.num_steps,
-                                          shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep)  # fmt: skip
+                                          shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep,
+                                          chunk_sizes=chunks)  # fmt: skip
             trajs.append(torch.stack([*kept, x0], dim=1).cpu())  # [b, K+1, C, F, h, w]
         meta = {"prompts": prompts, "sample_indices": idx, "noise_seed": cfg.seed, "teacher": str(path),
+                "teacher_kind": cfg.teacher_kind,
                 "keep_steps": keep, "timesteps": kept_t, "config": json.loads(to_json(cfg))}  # fmt: skip
         write_shard(
             out, {"trajectory": torch.cat(trajs), "context": text, "timesteps": torch.tensor(kept_t)}, meta
@@ -494,27 +525,29 @@ def _dmd_models(
 ) -> tuple[CausalWanModel, CausalWanModel, CausalWanModel]:
     """(generator, critic, real score) from their checkpoints, with errors naming the stage that makes each."""
     dev = ctx.device
-    teacher_default = stage_dir(cfg, "teacher") / "final.safetensors"
-    bidir = require(None if cfg.teacher_kind == "causal" else cfg.teacher, teacher_default,
-                    "teacher checkpoint", make_command("teacher", cfg), "--teacher")  # fmt: skip
-    if cfg.teacher_kind == "causal":
-        real_path = require(cfg.teacher, stage_dir(cfg, "teacher-causal") / "final.safetensors",
-                            "causal teacher checkpoint", make_command("teacher", cfg, " --kind causal"), "--teacher")  # fmt: skip
+
+    def teacher_of(kind: str, given: str | None, what: str, option: str) -> Path:
+        folder = "teacher-causal" if kind == "causal" else "teacher"
+        made = make_command("teacher", cfg, " --kind causal" if kind == "causal" else "")
+        return require(given, stage_dir(cfg, folder) / "final.safetensors", what, made, option)
+
+    real_path = teacher_of(cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
+    check_kind(real_path, cfg.teacher_kind, "--teacher-kind")
+    critic_kind = cfg.critic_kind or cfg.teacher_kind
+    if cfg.critic_init is None and critic_kind == cfg.teacher_kind:
+        critic_path = real_path
     else:
-        real_path = bidir
-    critic_path = require(
-        cfg.critic_init, bidir, "critic init checkpoint", make_command("teacher", cfg), "--critic-init"
-    )
+        critic_path = teacher_of(critic_kind, cfg.critic_init, "critic init checkpoint", "--critic-init")
     if cfg.skip_ode_init:
-        gen_path = require(
-            cfg.generator_init, bidir, "generator init", make_command("teacher", cfg), "--generator-init"
-        )
+        gen_path = teacher_of(cfg.teacher_kind, cfg.generator_init or cfg.teacher, "generator init",
+                              "--generator-init")  # fmt: skip
     else:
         gen_path = require(cfg.generator_init, stage_dir(cfg, "ode-init") / "final.safetensors",
                            "ODE-init student checkpoint", make_command("ode-init", cfg), "--generator-init")  # fmt: skip
     _say(
         ctx,
-        f"generator <- {gen_path}, critic <- {critic_path}, real score ({cfg.teacher_kind}) <- {real_path}",
+        f"generator <- {gen_path}, critic ({critic_kind}) <- {critic_path}, "
+        f"real score ({cfg.teacher_kind}) <- {real_path}",
     )
     return (
         load_dit(gen_path, cfg, dev, True),
@@ -542,11 +575,13 @@ def dmd_generator_loss(
     critic: nn.Module,
     guidance: float,
     real_chunks: list[int] | None = None,
+    critic_chunks: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """DMD loss of generator samples ``x``: real score with CFG, critic conditional only (no grad to either)."""
+    """DMD loss of generator samples ``x``: real score with CFG, critic conditional only (no grad to either).
+    ``real_chunks`` / ``critic_chunks``: run that score block-causally (a causal teacher / critic)."""
     with torch.no_grad():
         x_t = add_noise(x.detach(), eps, sigma)
-        fake = score_x0(critic, x_t, t, text, sigma, None)
+        fake = score_x0(critic, x_t, t, text, sigma, critic_chunks)
         cond = score_x0(real, x_t, t, text, sigma, real_chunks)
         unc = score_x0(real, x_t, t, uncond.expand_as(text), sigma, real_chunks)
         real_x0 = cfg_combine(cond, unc, guidance)
@@ -555,11 +590,13 @@ def dmd_generator_loss(
 
 
 def critic_loss(
-    critic: nn.Module, x_fake: Tensor, t: Tensor, sigma: Tensor, eps: Tensor, text: Tensor
-) -> Tensor:
-    """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only."""
+    critic: nn.Module, x_fake: Tensor, t: Tensor, sigma: Tensor, eps: Tensor, text: Tensor,
+    chunks: list[int] | None = None,
+) -> Tensor:  # fmt: skip
+    """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only (block-causal with ``chunks``)."""
     x_t = add_noise(x_fake.detach(), eps, sigma)
-    return flow_matching_loss(critic(x_t, t, text), eps, x_fake.detach())
+    tt = t[:, None].expand(-1, x_t.shape[2]) if chunks else t
+    return flow_matching_loss(critic(x_t, tt, text, chunk_sizes=chunks), eps, x_fake.detach())
 
 
 def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
@@ -590,12 +627,13 @@ def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
         sigma = schedule.sigma(t).float().to(dev)
         t, eps_g, eps_c = t.to(dev), randn(x0.shape, gen, dev), randn(x0.shape, gen, dev)
         real_chunks = chunks if cfg.teacher_kind == "causal" else None
+        critic_chunks = chunks if (cfg.critic_kind or cfg.teacher_kind) == "causal" else None
         out: dict[str, float] = {}
         if step % cfg.critic_steps == 0:
             with dist.autocast(ctx, cfg.amp):
                 x = x0_from_v(x_in, g_model(x_in, t_in, text, chunk_sizes=chunks), sig_in)
                 loss, grad = dmd_generator_loss(
-                    x, t, sigma, eps_g, text, uncond, real, c_raw, cfg.guidance, real_chunks
+                    x, t, sigma, eps_g, text, uncond, real, c_raw, cfg.guidance, real_chunks, critic_chunks
                 )
             loss = poison(loss, step, cfg)
             out["gen_loss"] = checked("generator loss", loss, step, cfg, ctx)
@@ -603,7 +641,7 @@ def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
         with torch.no_grad(), dist.autocast(ctx, cfg.amp):
             x_fake = x0_from_v(x_in, g_raw(x_in, t_in, text, chunk_sizes=chunks), sig_in)
         with dist.autocast(ctx, cfg.amp):
-            loss_c = poison(critic_loss(c_model, x_fake, t, sigma, eps_c, text), step, cfg)
+            loss_c = poison(critic_loss(c_model, x_fake, t, sigma, eps_c, text, critic_chunks), step, cfg)
         out["critic_loss"] = checked("critic loss", loss_c, step, cfg, ctx)
         out["critic_grad_norm"] = update(crit_t, loss_c, cfg)
         return out

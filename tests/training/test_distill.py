@@ -97,11 +97,44 @@ def test_dmd_critic_loss_falls_and_generator_moves(chain: dict) -> None:
 
 def test_table4_variants_write_separate_stage_folders(chain: dict) -> None:
     root = chain["root"]
-    run(root, "teacher", "--kind", "causal", "--steps", "2")
+    run(root, "teacher", "--kind", "causal", "--steps", "2", "--resume")
     skip = run(root, "dmd", "--skip-ode-init", "--steps", "2")
     causal = run(root, "dmd", "--teacher-kind", "causal", "--steps", "2", "--input", "data")
+    mixed = run(root, "dmd", "--teacher-kind", "causal", "--critic-kind", "bidirectional", "--steps", "2",
+                "--input", "data")  # fmt: skip
     assert skip["folder"].name == "dmd-no-ode-init" and causal["folder"].name == "dmd-causal-teacher"
+    assert mixed["folder"].name == "dmd-causal-teacher-bidirectional-critic"
     assert (root / "shapes" / "teacher-causal" / "final.safetensors").exists()
+
+
+def test_a_causal_teachers_ode_pairs_are_causal_and_kinds_cannot_be_mixed_up(chain: dict, tmp_path: Path) -> None:
+    from causvid_core.sampling import sample_teacher
+    from training.distill import latent_shape, step_generator
+
+    root = chain["root"]
+    run(root, "teacher", "--kind", "causal", "--steps", "2", "--resume")  # shared with the Table 4 test
+    out = run(root, "ode-pairs", "--teacher-kind", "causal", "--num-samples", "2", "--shard-size", "2")
+    assert out["folder"].name == "ode-pairs-causal-teacher" and len(out["written"]) == 1
+    with safe_open(str(out["written"][0]), "pt") as f:
+        assert json.loads(f.metadata()["teacher_kind"]) == "causal"
+        traj, text = f.get_tensor("trajectory"), f.get_tensor("context")
+    # the first chunk of each trajectory is what the teacher makes of that chunk alone: it saw no later frame
+    cfg = make_config("ode-pairs", "tiny", {})
+    teacher, _ = load_model(root / "shapes" / "teacher-causal" / "final.safetensors", dtype=torch.float32)
+    teacher.eval()
+    noise = torch.stack([torch.randn(latent_shape(cfg), generator=step_generator(cfg.seed, i, 0, 7)) for i in (0, 1)])
+    with torch.no_grad():
+        alone, _ = sample_teacher(teacher, noise[:, :, :3], teacher.encode_context(text),
+                                  teacher.encode_context(torch.zeros(2, *text.shape[1:])), num_steps=cfg.num_steps,
+                                  shift=cfg.sampling.shift, guidance=cfg.guidance, chunk_sizes=[3])  # fmt: skip
+    assert torch.allclose(traj[:, -1, :, :3], alone, atol=1e-4)
+    # a checkpoint of the other kind is refused with the fix, before any sampling
+    with pytest.raises(ConfigError, match=r"is a bidirectional teacher .* pass --teacher-kind bidirectional"):
+        run(root, "ode-pairs", "--teacher-kind", "causal", "--teacher",
+            str(root / "shapes" / "teacher" / "final.safetensors"), "--out-dir", str(tmp_path / "x"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"is a causal teacher .* pass --teacher-kind causal"):
+        run(root, "dmd", "--teacher", str(root / "shapes" / "teacher-causal" / "final.safetensors"),
+            "--out-dir", str(tmp_path / "y"))  # fmt: skip
 
 
 def test_precompute_shards_feed_training(tmp_path: Path) -> None:

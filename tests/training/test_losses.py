@@ -97,6 +97,30 @@ def test_generator_loss_sends_gradient_to_the_generator_only() -> None:
     assert torch.isfinite(grad).all() and grad.shape == x.shape
 
 
+def test_with_a_causal_teacher_and_critic_a_chunks_dmd_gradient_ignores_later_chunks() -> None:
+    _, critic, real = _models()
+    t = torch.tensor([500.0])
+    sigma = FlowSchedule().sigma(t).float()
+    text, uncond = torch.randn(1, 16, TINY.text_dim), torch.zeros(1, 16, TINY.text_dim)
+    x, eps = torch.randn(1, 16, 6, 4, 4), torch.randn(1, 16, 6, 4, 4)
+    later = x.clone()
+    later[:, :, 3:] += 1.0  # only the second chunk differs
+
+    def grad(x: torch.Tensor, critic_chunks: list[int] | None) -> torch.Tensor:
+        """The first chunk's gradient direction (DMD normalises by the mean over the whole sample)."""
+        g = dmd_generator_loss(x, t, sigma, eps, text, uncond, real, critic, 3.5, [3, 3], critic_chunks)[1]
+        return g[:, :, :3] / g[:, :, :3].abs().mean()
+
+    assert torch.allclose(grad(x, [3, 3]), grad(later, [3, 3]), atol=1e-5)
+    # a bidirectional critic beside a causal teacher lets the later chunk leak into the first one's gradient
+    assert not torch.allclose(grad(x, None), grad(later, None), atol=1e-3)
+    # and the causal critic trains under the same block-causal mask, one timestep per frame
+    seen: list[tuple] = []
+    critic.register_forward_pre_hook(lambda m, a, kw: seen.append((a[1].shape, kw["chunk_sizes"])), with_kwargs=True)
+    critic_loss(critic, x, t, sigma, eps, text, [3, 3])
+    assert seen == [((1, 6), [3, 3])]
+
+
 def test_critic_loss_sees_only_student_samples() -> None:
     _, critic, _ = _models()
     seen: list[torch.Tensor] = []
