@@ -177,6 +177,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+Series = tuple[tuple[int, int, int], list[tuple[float, float]]]
+
+
+def _panel(draw: Any, box: tuple[int, int, int, int], t_end: float, value_range: tuple[float, float],
+           series: Sequence[Series], y_ticks: Sequence[float], t_ticks: int) -> None:  # fmt: skip
+    """One plot panel: the axes box (x0, y0, x1, y1), grid lines with their values, time labels under
+    the box, and per series (colour, [(seconds, value), ...]) a line with a dot at each point."""
+    x0, y0, x1, y1 = box
+    lo, hi = value_range
+
+    def xy(t: float, v: float) -> tuple[float, float]:
+        return x0 + (x1 - x0) * t / t_end, y0 + (y1 - y0) * (1 - (v - lo) / max(hi - lo, 1e-6))
+
+    for v in y_ticks:
+        y = xy(0, float(v))[1]
+        draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
+        draw.text((x0 - 34, y - 6), f"{v:.0f}", fill=(0, 0, 0))
+    for t in np.linspace(0, t_end, t_ticks):
+        draw.text((xy(float(t), lo)[0] - 10, y1 + 6), f"{t:.0f}s", fill=(0, 0, 0))
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    for colour, points in series:
+        pts = [xy(t, v) for t, v in points]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+
+
+def _points(windows: Sequence[dict[str, float]], key: str) -> list[tuple[float, float]]:
+    """(window middle in seconds, the figure) per window."""
+    return [((w["start_s"] + w["end_s"]) / 2, w.get(key, 0.0)) for w in windows]
+
+
 def plot_drift(windows: Sequence[dict[str, float]], path: str | Path, title: str = "Shapes drift") -> None:
     """Draw the three figures per window against time (seconds) into a PNG with Pillow."""
     from PIL import Image, ImageDraw
@@ -185,25 +218,9 @@ def plot_drift(windows: Sequence[dict[str, float]], path: str | Path, title: str
     img = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     t_end = max(win["end_s"] for win in windows)
-    mids = [(win["start_s"] + win["end_s"]) / 2 for win in windows]
-
-    def xy(t: float, v: float) -> tuple[float, float]:
-        return left + (w - left - right) * t / t_end, top + (h - top - bottom) * (1 - v / 100)
-
-    for v in range(0, 101, 25):
-        y = xy(0, v)[1]
-        draw.line([(left, y), (w - right, y)], fill=(225, 225, 225))
-        draw.text((left - 30, y - 6), f"{v}", fill=(0, 0, 0))
-    for t in np.linspace(0, t_end, 7):
-        x = xy(float(t), 0)[0]
-        draw.text((x - 10, h - bottom + 6), f"{t:.0f}s", fill=(0, 0, 0))
-    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    series = [(colour, _points(windows, key)) for key, colour in CURVE_COLOURS.items()]
+    _panel(draw, (left, top, w - right, h - bottom), t_end, (0.0, 100.0), series, range(0, 101, 25), 7)
     for i, (key, colour) in enumerate(CURVE_COLOURS.items()):
-        pts = [xy(t, win.get(key, 0.0)) for t, win in zip(mids, windows, strict=True)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         draw.text((left + 10 + 170 * i, 12), key.replace("_", " "), fill=colour)
     draw.text((w // 2 - 60, h - 18), title, fill=(0, 0, 0))
     img.save(str(path))
@@ -236,31 +253,14 @@ def plot_drift_comparison(curves: Sequence[tuple[str, Sequence[dict[str, float]]
     draw = ImageDraw.Draw(img)
     t_end = max(win["end_s"] for _, ws in curves for win in ws)
     for p, key in enumerate(FIGURES):
-        x0 = p * pw
         vals = [win.get(key, 0.0) for _, ws in curves for win in ws]
-        lo, hi = min(vals), max(vals)
-        mid, span = (lo + hi) / 2, max(hi - lo + 6.0, 20.0)
+        mid, span = (min(vals) + max(vals)) / 2, max(max(vals) - min(vals) + 6.0, 20.0)
         lo, hi = max(0.0, mid - span / 2), min(100.0, mid + span / 2)
-
-        def xy(t: float, v: float, x0: int = x0, lo: float = lo, hi: float = hi) -> tuple[float, float]:
-            return (x0 + left + (pw - left - right) * t / t_end,
-                    top + (ph - top - bottom) * (1 - (v - lo) / max(hi - lo, 1e-6)))  # fmt: skip
-
-        for v in np.linspace(lo, hi, 5):
-            y = xy(0, float(v))[1]
-            draw.line([(x0 + left, y), (x0 + pw - right, y)], fill=(225, 225, 225))
-            draw.text((x0 + 8, y - 6), f"{v:.0f}", fill=(0, 0, 0))
-        for t in np.linspace(0, t_end, 5):
-            x = xy(float(t), lo)[0]
-            draw.text((x - 10, ph - bottom + 6), f"{t:.0f}s", fill=(0, 0, 0))
-        draw.rectangle([x0 + left, top, x0 + pw - right, ph - bottom], outline=(0, 0, 0))
+        series = [(colour, _points(ws, key)) for (_, ws), colour in zip(curves, MODEL_COLOURS, strict=False)]
+        x0 = p * pw
+        _panel(draw, (x0 + left, top, x0 + pw - right, ph - bottom), t_end, (lo, hi), series,
+               np.linspace(lo, hi, 5), 5)  # fmt: skip
         draw.text((x0 + left + 5, 10), key.replace("_", " "), fill=(0, 0, 0))
-        for (_, ws), colour in zip(curves, MODEL_COLOURS, strict=False):
-            pts = [xy((w["start_s"] + w["end_s"]) / 2, w.get(key, 0.0)) for w in ws]
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-            for x, y in pts:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
     for i, ((label, _), colour) in enumerate(zip(curves, MODEL_COLOURS, strict=False)):
         y = ph + 5 + 22 * i
         draw.line([(left, y + 6), (left + 30, y + 6)], fill=colour, width=3)
