@@ -30,7 +30,10 @@ stage teacher --kind causal --data "$RUN/latents" --out-dir "$RUN/teacher-causal
 stage teacher --kind causal --data "$RUN/latents" --init "$RUN/teacher-causal-base/final.safetensors" --steps 3500 \
       --lr 2e-4 --resume
 stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
-stage dmd --teacher-kind causal --resume                          # ODE init + causal teacher
+# ODE init + causal teacher: its own ODE pairs, ODE-init student and DMD critic, all from the causal teacher
+stage ode-pairs --teacher-kind causal
+stage ode-init --teacher-kind causal --resume
+stage dmd --teacher-kind causal --resume
 
 ev() { local name=$1; shift; "$PY" -m training.eval "$@" --vae "$VAE" --json "$OUT/$name.json"; }
 

@@ -101,8 +101,11 @@ class OdePairsConfig(RunConfig):
 class OdeInitConfig(RunConfig):
     """Regression of the causal student onto the ODE pairs' x0."""
 
-    teacher: str | None = None
-    pairs: str | None = None  # default: {runs_dir}/{name}/ode-pairs
+    teacher: str | None = None  # the student's initial weights; default: the teacher of teacher_kind
+    # 'causal': start from the causal teacher and regress onto its pairs (ode-pairs --teacher-kind causal);
+    # the student goes to ode-init-causal-teacher
+    teacher_kind: str = "bidirectional"
+    pairs: str | None = None  # default: {runs_dir}/{name}/ode-pairs (ode-pairs-causal-teacher when causal)
 
 
 @dataclass
@@ -116,7 +119,9 @@ class DMDConfig(RunConfig):
     # 'bidirectional' with a causal teacher is version 3's ablation (critic from the bidirectional teacher)
     critic_kind: str | None = None  # default: teacher_kind
     critic_init: str | None = None  # default: the teacher of critic_kind
-    generator_init: str | None = None  # default: ode-init/final (the teacher with --skip-ode-init)
+    # default: ode-init/final, ode-init-causal-teacher/final with a causal teacher (the teacher with
+    # --skip-ode-init); the pairs likewise come from the real score's kind unless --pairs names them
+    generator_init: str | None = None
     skip_ode_init: bool = False
     input: str = "ode"  # generator input: 'ode' (ODE-final latents) or 'data' (data latents)
     pairs: str | None = None
@@ -232,6 +237,11 @@ def stage_dir(cfg: RunConfig, stage: str) -> Path:
     return Path(cfg.runs_dir) / cfg.name / stage
 
 
+def causal_folder(stage: str) -> str:
+    """The folder of a stage made from the causal teacher ('ode-pairs' -> 'ode-pairs-causal-teacher')."""
+    return f"{stage}-causal-teacher"
+
+
 def stage_name(cfg: RunConfig) -> str:
     """The folder name of the stage this config runs; variants are named so they cannot be confused."""
     if isinstance(cfg, TeacherConfig):
@@ -247,8 +257,8 @@ def stage_name(cfg: RunConfig) -> str:
             if cfg.critic_kind == "bidirectional":
                 name += "-bidirectional-critic"
         return name
-    if isinstance(cfg, OdePairsConfig) and cfg.teacher_kind == "causal":
-        return "ode-pairs-causal-teacher"
+    if isinstance(cfg, (OdePairsConfig, OdeInitConfig)) and cfg.teacher_kind == "causal":
+        return causal_folder("ode-pairs" if isinstance(cfg, OdePairsConfig) else "ode-init")
     return {OdePairsConfig: "ode-pairs", OdeInitConfig: "ode-init", PrecomputeConfig: "latents"}[type(cfg)]
 
 
@@ -375,7 +385,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--train-shift must be a positive number (e.g. 3), got {cfg.train_shift}")
         if not cfg.motion_weight >= 0:
             raise ConfigError(f"--motion-weight must be 0 or more (e.g. 1), got {cfg.motion_weight}")
-    if isinstance(cfg, (DMDConfig, OdePairsConfig)):
+    if isinstance(cfg, (DMDConfig, OdePairsConfig, OdeInitConfig)):
         if cfg.teacher_kind not in ("bidirectional", "causal"):
             raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")
     if isinstance(cfg, DMDConfig):

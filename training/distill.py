@@ -38,6 +38,7 @@ from .config import (
     PrecomputeConfig,
     RunConfig,
     TeacherConfig,
+    causal_folder,
     describe_fields,
     parse_cli,
     stage_dir,
@@ -149,6 +150,14 @@ def recorded_kind(path: Path) -> str | None:
         text = (f.metadata() or {}).get("causvid_training")
     record = json.loads(text) if text else {}
     return record.get("kind") if record.get("stage_config") == "TeacherConfig" else None
+
+
+def teacher_path(cfg: RunConfig, kind: str, given: str | None, what: str, option: str) -> Path:
+    """``given``, else this run's teacher of ``kind`` (teacher/ or teacher-causal/), with the command that
+    makes it when it is missing."""
+    folder = "teacher-causal" if kind == "causal" else "teacher"
+    made = make_command("teacher", cfg, " --kind causal" if kind == "causal" else "")
+    return require(given, stage_dir(cfg, folder) / "final.safetensors", what, made, option)
 
 
 def check_kind(path: Path, kind: str, option: str) -> None:
@@ -404,9 +413,7 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
 
     dev = ctx.device
     causal = cfg.teacher_kind == "causal"
-    path = require(cfg.teacher, stage_dir(cfg, "teacher-causal" if causal else "teacher") / "final.safetensors",
-                   f"{cfg.teacher_kind} teacher checkpoint",
-                   make_command("teacher", cfg, " --kind causal" if causal else ""), "--teacher")  # fmt: skip
+    path = teacher_path(cfg, cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
     check_kind(path, cfg.teacher_kind, "--teacher-kind")
     _say(ctx, memory_report({"teacher": False}, cfg, ctx))
     teacher = load_dit(path, cfg, dev, trainable=False)
@@ -452,8 +459,10 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
 
 
 def _pairs(cfg: OdeInitConfig | DMDConfig) -> ShardSource:
-    made = make_command("ode-pairs", cfg)
-    folder = require(cfg.pairs, stage_dir(cfg, "ode-pairs"), "ODE pair folder", made, "--pairs")
+    causal = cfg.teacher_kind == "causal"
+    made = make_command("ode-pairs", cfg, " --teacher-kind causal" if causal else "")
+    default = stage_dir(cfg, causal_folder("ode-pairs") if causal else "ode-pairs")
+    folder = require(cfg.pairs, default, "ODE pair folder", made, "--pairs")
     pairs = ShardSource(folder, "trajectory", made)
     stored = pairs.meta("timesteps")[:-1]
     steps = denoising_timesteps(cfg.sampling)
@@ -487,8 +496,8 @@ def _student_input(
 def run_ode_init(cfg: OdeInitConfig, ctx: dist.DistContext) -> dict[str, Any]:
     """Causal student regressed onto x0 from trajectory points, each chunk at its own step of the list."""
     dev = ctx.device
-    path = require(cfg.teacher, stage_dir(cfg, "teacher") / "final.safetensors", "teacher checkpoint",
-                   make_command("teacher", cfg), "--teacher")  # fmt: skip
+    path = teacher_path(cfg, cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
+    check_kind(path, cfg.teacher_kind, "--teacher-kind")
     pairs = _pairs(cfg)
     _say(ctx, memory_report({"student": True}, cfg, ctx))
     raw = load_dit(path, cfg, dev, trainable=True)
@@ -527,9 +536,7 @@ def _dmd_models(
     dev = ctx.device
 
     def teacher_of(kind: str, given: str | None, what: str, option: str) -> Path:
-        folder = "teacher-causal" if kind == "causal" else "teacher"
-        made = make_command("teacher", cfg, " --kind causal" if kind == "causal" else "")
-        return require(given, stage_dir(cfg, folder) / "final.safetensors", what, made, option)
+        return teacher_path(cfg, kind, given, what, option)
 
     real_path = teacher_of(cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
     check_kind(real_path, cfg.teacher_kind, "--teacher-kind")
@@ -542,8 +549,12 @@ def _dmd_models(
         gen_path = teacher_of(cfg.teacher_kind, cfg.generator_init or cfg.teacher, "generator init",
                               "--generator-init")  # fmt: skip
     else:
-        gen_path = require(cfg.generator_init, stage_dir(cfg, "ode-init") / "final.safetensors",
-                           "ODE-init student checkpoint", make_command("ode-init", cfg), "--generator-init")  # fmt: skip
+        causal = cfg.teacher_kind == "causal"
+        gen_path = require(cfg.generator_init,
+                           stage_dir(cfg, causal_folder("ode-init") if causal else "ode-init") / "final.safetensors",
+                           "ODE-init student checkpoint",
+                           make_command("ode-init", cfg, " --teacher-kind causal" if causal else ""),
+                           "--generator-init")  # fmt: skip
     _say(
         ctx,
         f"generator <- {gen_path}, critic ({critic_kind}) <- {critic_path}, "

@@ -95,27 +95,43 @@ def test_dmd_critic_loss_falls_and_generator_moves(chain: dict) -> None:
     assert (root / "shapes" / "dmd" / "samples" / "step_000040.mp4").stat().st_size > 0
 
 
-def test_table4_variants_write_separate_stage_folders(chain: dict) -> None:
+@pytest.fixture(scope="module")
+def causal_chain(chain: dict) -> dict:
+    """The causal teacher's own chain beside the bidirectional one: teacher --kind causal -> ode-pairs ->
+    ode-init, each with --teacher-kind causal and its default folders."""
     root = chain["root"]
-    run(root, "teacher", "--kind", "causal", "--steps", "2", "--resume")
+    run(root, "teacher", "--kind", "causal", "--steps", "2")
+    pairs = run(root, "ode-pairs", "--teacher-kind", "causal", "--num-samples", "2", "--shard-size", "2")
+    ode = run(root, "ode-init", "--teacher-kind", "causal", "--steps", "2")
+    return {"root": root, "pairs": pairs, "ode": ode}
+
+
+def test_table4_variants_write_separate_stage_folders(causal_chain: dict) -> None:
+    root = causal_chain["root"]
+    assert causal_chain["pairs"]["folder"].name == "ode-pairs-causal-teacher"
+    assert causal_chain["ode"]["folder"].name == "ode-init-causal-teacher"
     skip = run(root, "dmd", "--skip-ode-init", "--steps", "2")
-    causal = run(root, "dmd", "--teacher-kind", "causal", "--steps", "2", "--input", "data")
+    causal = run(root, "dmd", "--teacher-kind", "causal", "--steps", "2")  # the causal chain's pairs and student
+    # version 3's row: the bidirectional teacher's ODE init and a bidirectional critic beside a causal teacher
     mixed = run(root, "dmd", "--teacher-kind", "causal", "--critic-kind", "bidirectional", "--steps", "2",
-                "--input", "data")  # fmt: skip
+                "--generator-init", str(root / "shapes" / "ode-init" / "final.safetensors"),
+                "--pairs", str(root / "shapes" / "ode-pairs"))  # fmt: skip
     assert skip["folder"].name == "dmd-no-ode-init" and causal["folder"].name == "dmd-causal-teacher"
     assert mixed["folder"].name == "dmd-causal-teacher-bidirectional-critic"
-    assert (root / "shapes" / "teacher-causal" / "final.safetensors").exists()
+    with safe_open(str(causal["folder"] / "final.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["causvid_training"])
+    assert record["teacher_kind"] == "causal" and record["critic_kind"] is None
 
 
-def test_a_causal_teachers_ode_pairs_are_causal_and_kinds_cannot_be_mixed_up(chain: dict, tmp_path: Path) -> None:
+def test_a_causal_teachers_ode_pairs_are_causal_and_kinds_cannot_be_mixed_up(
+    causal_chain: dict, tmp_path: Path
+) -> None:
     from causvid_core.sampling import sample_teacher
     from training.distill import latent_shape, step_generator
 
-    root = chain["root"]
-    run(root, "teacher", "--kind", "causal", "--steps", "2", "--resume")  # shared with the Table 4 test
-    out = run(root, "ode-pairs", "--teacher-kind", "causal", "--num-samples", "2", "--shard-size", "2")
-    assert out["folder"].name == "ode-pairs-causal-teacher" and len(out["written"]) == 1
-    with safe_open(str(out["written"][0]), "pt") as f:
+    root = causal_chain["root"]
+    (shard,) = causal_chain["pairs"]["written"]
+    with safe_open(str(shard), "pt") as f:
         assert json.loads(f.metadata()["teacher_kind"]) == "causal"
         traj, text = f.get_tensor("trajectory"), f.get_tensor("context")
     # the first chunk of each trajectory is what the teacher makes of that chunk alone: it saw no later frame
@@ -128,13 +144,18 @@ def test_a_causal_teachers_ode_pairs_are_causal_and_kinds_cannot_be_mixed_up(cha
                                   teacher.encode_context(torch.zeros(2, *text.shape[1:])), num_steps=cfg.num_steps,
                                   shift=cfg.sampling.shift, guidance=cfg.guidance, chunk_sizes=[3])  # fmt: skip
     assert torch.allclose(traj[:, -1, :, :3], alone, atol=1e-4)
-    # a checkpoint of the other kind is refused with the fix, before any sampling
+    # a checkpoint of the other kind is refused with the fix, before any sampling or training
     with pytest.raises(ConfigError, match=r"is a bidirectional teacher .* pass --teacher-kind bidirectional"):
         run(root, "ode-pairs", "--teacher-kind", "causal", "--teacher",
             str(root / "shapes" / "teacher" / "final.safetensors"), "--out-dir", str(tmp_path / "x"))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"is a causal teacher .* pass --teacher-kind causal"):
-        run(root, "dmd", "--teacher", str(root / "shapes" / "teacher-causal" / "final.safetensors"),
-            "--out-dir", str(tmp_path / "y"))  # fmt: skip
+    for stage in ("ode-init", "dmd"):
+        with pytest.raises(ConfigError, match=r"is a causal teacher .* pass --teacher-kind causal"):
+            run(root, stage, "--teacher", str(root / "shapes" / "teacher-causal" / "final.safetensors"),
+                "--out-dir", str(tmp_path / stage))  # fmt: skip
+    # a missing causal chain names the command that makes it
+    with pytest.raises(ConfigError, match=r"'ode-init' stage makes it: .* ode-init .*--teacher-kind causal"):
+        run(tmp_path, "dmd", "--teacher-kind", "causal", "--teacher", str(root / "shapes" / "teacher-causal" /
+            "final.safetensors"), "--input", "data")  # fmt: skip
 
 
 def test_precompute_shards_feed_training(tmp_path: Path) -> None:
