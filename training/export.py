@@ -29,6 +29,15 @@ BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at mo
 # stage trained in several (docs/training.md), each continued with --init by the next
 STAGES = ("vae-images", "vae-colour", "vae", "vae-decoder", "latents", "teacher-base", "teacher", "ode-pairs",
           "ode-init", "dmd")
+# a student distilled from the causal teacher (fine-tuned from the bidirectional one) comes from this chain
+CAUSAL_CHAIN = ("teacher-causal", "ode-pairs-causal-teacher", "ode-init-causal-teacher", "dmd-causal-teacher")
+
+
+def recipe_stages(dit_stage: str) -> tuple[str, ...]:
+    """The stage folders behind the shipped student, in recipe order."""
+    if dit_stage in CAUSAL_CHAIN:
+        return STAGES[: STAGES.index("ode-pairs")] + CAUSAL_CHAIN
+    return STAGES
 
 
 def _meta(path: Path) -> dict[str, str]:
@@ -90,7 +99,8 @@ def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None, commands: list[str]) -> str:
+def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None, commands: list[str],
+               stages: tuple[str, ...] = STAGES) -> str:  # fmt: skip
     """MODEL_CARD.md text for a run folder."""
     lines = [
         "# embedded:shapes", "",
@@ -109,12 +119,15 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
     ]  # fmt: skip
     total = 0.0
     configs = {}
-    for stage in STAGES:
+    for stage in stages:
         summary = stage_summary(run / stage)
         cfg = _config_of(run / stage)
         if cfg:
             configs[stage] = cfg
         if summary is None:
+            step = _meta(run / stage / "final.safetensors").get("causvid_step") if cfg else None
+            if step:  # weights copied from an earlier run folder: its log stayed there
+                lines.append(f"| {stage} | {step} | in an earlier run folder (docs/reproduction.md) | |")
             continue
         total += summary["wall_s"]
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary["last"].items() if k not in ("wall_s", "skipped", "lr"))
@@ -131,14 +144,16 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
 
 
 def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
-           figures: dict[str, Any] | None = None, commands: list[str] | None = None) -> dict[str, int]:  # fmt: skip
-    """Write the embedded model folder; returns file sizes. Raises ValueError naming a missing stage."""
+           figures: dict[str, Any] | None = None, commands: list[str] | None = None,
+           teacher_stage: str = "teacher") -> dict[str, int]:  # fmt: skip
+    """Write the embedded model folder; returns file sizes. Raises ValueError naming a missing stage.
+    ``teacher_stage``: the folder of the teacher shipped as teacher.safetensors."""
     vae = run / "vae-decoder" / "final.safetensors"  # the fine-tuned decoder (same encoder), when run
     if not vae.is_file():
         vae = run / "vae" / "final.safetensors"
     needed = {"vae": vae, dit_stage: run / dit_stage / "final.safetensors"}
     if teacher:
-        needed["teacher"] = run / "teacher" / "final.safetensors"
+        needed[teacher_stage] = run / teacher_stage / "final.safetensors"
     for stage, path in needed.items():
         if not path.is_file():
             raise ValueError(f"{path} not found: run the '{stage}' stage first (docs/reproduction.md)")
@@ -150,7 +165,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
         "vae.safetensors": _half(needed["vae"], out / "vae.safetensors"),
     }
     if teacher:
-        files["teacher.safetensors"] = _half(needed["teacher"], out / "teacher.safetensors", stats)
+        files["teacher.safetensors"] = _half(needed[teacher_stage], out / "teacher.safetensors", stats)
     cfg = json.loads(_meta(needed[dit_stage])["causvid_training"])
     dit = cfg["dit"]
     text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
@@ -158,7 +173,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     files["text.safetensors"] = (out / "text.safetensors").stat().st_size
     if sum(files.values()) > BUDGET_BYTES:
         raise ValueError(f"the shipped weights take {sum(files.values()):,} bytes, over the 25 MB budget")
-    (out / "MODEL_CARD.md").write_text(model_card(run, files, figures, commands or []))
+    (out / "MODEL_CARD.md").write_text(model_card(run, files, figures, commands or [], recipe_stages(dit_stage)))
     return files
 
 
@@ -168,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--to", default=str(Path(__file__).resolve().parents[1] / "causvid_core/embedded/shapes"))
     parser.add_argument("--dit", default="dmd", help="stage folder of the shipped student (default dmd)")
-    parser.add_argument("--no-teacher", action="store_true", help="do not ship the bidirectional teacher")
+    parser.add_argument("--no-teacher", action="store_true", help="do not ship a teacher")
+    parser.add_argument("--teacher", default="teacher",
+                        help="stage folder of the teacher to ship (default teacher; teacher-causal)")  # fmt: skip
     parser.add_argument("--figures", help="JSON of evaluation figures to put in the model card")
     parser.add_argument("--commands", help="text file with the recipe's commands, one per line")
     args = parser.parse_args(argv)
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = Path(args.commands).read_text().splitlines() if args.commands else []
     try:
         files = export(Path(args.runs_dir) / args.name, Path(args.to), args.dit, not args.no_teacher,
-                       figures, commands)  # fmt: skip
+                       figures, commands, args.teacher)  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -78,3 +78,28 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
 def test_export_names_the_missing_stage(tmp_path) -> None:
     with pytest.raises(ValueError, match="run the 'vae' stage first"):
         export(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    common = {"runs_dir": str(runs), "steps": "2", "save_every": "2"}
+    run = runs / "shapes"
+    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2"}))
+    distill.run("teacher", make_config("teacher", "tiny", {**common, "vae": "run", "kind": "causal"}))
+    # the bidirectional teacher came from an earlier run folder: its weights are here, its log is not
+    (run / "teacher").mkdir()
+    shutil.copy(run / "teacher-causal" / "final.safetensors", run / "teacher" / "final.safetensors")
+    (run / "dmd-causal-teacher").mkdir()
+    shutil.copy(run / "teacher-causal" / "final.safetensors", run / "dmd-causal-teacher" / "final.safetensors")
+    (run / "dmd").mkdir()  # a Table 4 row of the same run folder, not behind the shipped student
+    shutil.copy(run / "teacher-causal" / "final.safetensors", run / "dmd" / "final.safetensors")
+
+    out = tmp_path / "embedded" / "causal"
+    export(run, out, dit_stage="dmd-causal-teacher", teacher_stage="teacher-causal")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.index("| teacher | 2 | in an earlier run folder") < card.index("| teacher-causal | 2 |")
+    assert "<summary>dmd-causal-teacher</summary>" in card and "<summary>dmd</summary>" not in card
+    with safe_open(str(out / "teacher.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["causvid_training"])["kind"] == "causal"
+    with pytest.raises(ValueError, match="run the 'teacher-base' stage first"):
+        export(run, out, teacher_stage="teacher-base")
