@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's Table 4 and Figure 8 in miniature on Shapes (docs/reproduction.md). Run after
-# scripts/train_shapes.sh (which trains the shared VAE, latents, teacher, ODE pairs, ODE init and ours).
+# scripts/train_shapes.sh (which trains the shared VAE, latents, both teachers, and ours from the causal one).
 # Every training stage resumes when the script is run again; evaluations are rewritten.
 #
 #   bash scripts/reproduce_shapes.sh          # figures go to $RUNS/shapes/eval/
@@ -24,16 +24,19 @@ if [ "$NPROC" -gt 1 ]; then
 fi
 stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
-# Ablation trainings, each with the same step budget as its counterpart in the recipe.
-# causal many-step teacher, in two runs as the recipe's teacher
-stage teacher --kind causal --data "$RUN/latents" --out-dir "$RUN/teacher-causal-base" --resume
-stage teacher --kind causal --data "$RUN/latents" --init "$RUN/teacher-causal-base/final.safetensors" --steps 3500 \
-      --lr 2e-4 --resume
+# Ablation trainings. The recipe (version 4) already made the causal teacher (fine-tuned from the
+# bidirectional one) and the student distilled from it (ODE init + causal teacher, shipped).
+stage ode-pairs                                                   # the bidirectional teacher's pairs
+stage ode-init --resume                                           # ODE init only
+stage dmd --resume                                                # ODE init + bidirectional teacher
 stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
-# ODE init + causal teacher: its own ODE pairs, ODE-init student and DMD critic, all from the causal teacher
-stage ode-pairs --teacher-kind causal
-stage ode-init --teacher-kind causal --resume
-stage dmd --teacher-kind causal --resume
+# EQUAL_BUDGET=1: also a causal teacher from scratch with the bidirectional teacher's budget (7000 + 3500
+# steps, about 80 min; version 3's comparison in docs/reproduction.md)
+if [ "${EQUAL_BUDGET:-0}" = 1 ]; then
+  stage teacher --kind causal --data "$RUN/latents" --out-dir "$RUN/teacher-causal-scratch-base" --resume
+  stage teacher --kind causal --data "$RUN/latents" --init "$RUN/teacher-causal-scratch-base/final.safetensors" \
+        --steps 3500 --lr 2e-4 --out-dir "$RUN/teacher-causal-scratch" --resume
+fi
 
 ev() { local name=$1; shift; "$PY" -m training.eval "$@" --vae "$VAE" --json "$OUT/$name.json"; }
 
@@ -41,20 +44,28 @@ ev() { local name=$1; shift; "$PY" -m training.eval "$@" --vae "$VAE" --json "$O
 ev table4-teacher --teacher "$RUN/teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
 ev table4-causal-teacher --teacher "$RUN/teacher-causal/final.safetensors" --causal-chunk 3 \
    --prompts "$PROMPTS" --seconds 2.0625
+if [ "${EQUAL_BUDGET:-0}" = 1 ]; then
+  ev table4-causal-teacher-scratch --teacher "$RUN/teacher-causal-scratch/final.safetensors" --causal-chunk 3 \
+     --prompts "$PROMPTS" --seconds 2.0625
+fi
 ev table4-no-ode-init --model "$RUN/dmd-no-ode-init/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
 ev table4-ode-init --model "$RUN/ode-init/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
-ev table4-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
-ev table4-ours --model "$RUN/dmd/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-ode-init-causal --model "$RUN/ode-init-causal-teacher/final.safetensors" --prompts "$PROMPTS" \
+   --seconds 2.0625
+ev table4-bidirectional-dmd --model "$RUN/dmd/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-ours --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
 
 # Figure 8: the three figures per 5 s window over 2 minutes.
 ev drift-teacher --teacher "$RUN/teacher/final.safetensors" --teacher-steps 20 --prompts "$DRIFT_PROMPTS" \
    --seconds 120 --drift "$OUT/drift-teacher.png"
-ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" \
-   --seconds 120 --drift "$OUT/drift-causal-dmd.png"
-ev drift-ours --model "$RUN/dmd/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
-   --drift "$OUT/drift-ours.png"
+ev drift-ours --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" \
+   --seconds 120 --drift "$OUT/drift-ours.png"
+ev drift-bidirectional-dmd --model "$RUN/dmd/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
+   --drift "$OUT/drift-bidirectional-dmd.png"
 "$PY" -m training.eval --compare "$OUT/drift-teacher.json=bidirectional teacher, sliding windows" \
-   "$OUT/drift-causal-dmd.json=ODE init + causal teacher" "$OUT/drift-ours.json=ours" --drift "$OUT/figure8.png"
+   "$OUT/drift-ours.json=ODE init + causal teacher (ours)" \
+   "$OUT/drift-bidirectional-dmd.json=ODE init + bidirectional teacher" --drift "$OUT/figure8.png"
 
 # Zero-shot applications of ours.
-"$PY" -m training.zero_shot --model "$RUN/dmd/final.safetensors" --vae "$VAE" --json "$OUT/zero-shot.json"
+"$PY" -m training.zero_shot --model "$RUN/dmd-causal-teacher/final.safetensors" --vae "$VAE" \
+   --json "$OUT/zero-shot.json"

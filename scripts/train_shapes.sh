@@ -30,7 +30,11 @@ stage precompute
 # the teacher in two runs (version 3): version 1's 7000 steps, then 3500 more from its weights at lr 2e-4
 stage teacher --data "$LATENTS" --out-dir "$RUNS/shapes/teacher-base" --resume
 stage teacher --data "$LATENTS" --init "$RUNS/shapes/teacher-base/final.safetensors" --steps 3500 --lr 2e-4 --resume
-stage ode-pairs
-stage ode-init --resume
-stage dmd --resume
-"$PY" -m training.export --name shapes --runs-dir "$RUNS"
+# version 4: a causal teacher fine-tuned from the bidirectional one, and the student distilled from it
+# (its own ODE pairs and ODE init; DMD's critic mirrors it)
+stage teacher --kind causal --data "$LATENTS" --init "$RUNS/shapes/teacher/final.safetensors" --steps 3500 --lr 2e-4 \
+      --resume
+stage ode-pairs --teacher-kind causal
+stage ode-init --teacher-kind causal --resume
+stage dmd --teacher-kind causal --resume
+"$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit dmd-causal-teacher --teacher teacher-causal
