@@ -372,4 +372,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as err:  # a missing folder, checkpoint or prompt map: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -132,6 +132,11 @@ def test_videos_folder_errors_name_the_missing_piece(tmp_path: Path) -> None:
     (tmp_path / "prompts.json").write_text(json.dumps({}))
     with pytest.raises(ValueError, match="without a prompt.*a.mp4"):
         main(["--videos", str(tmp_path)])
+    # on the command line the same mistakes are one line, not a traceback
+    cmd = [sys.executable, "-m", "training.eval", "--videos", str(tmp_path / "missing")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no prompts.json or prompts.csv")
+    assert "Traceback" not in proc.stderr
 
 
 def test_evaluate_calls_the_generator_per_prompt_and_seed() -> None:
