@@ -254,8 +254,8 @@ def stage_name(cfg: RunConfig) -> str:
             name += "-no-ode-init"
         if cfg.teacher_kind == "causal":
             name += "-causal-teacher"
-            if cfg.critic_kind == "bidirectional":
-                name += "-bidirectional-critic"
+        if cfg.critic_kind not in (None, cfg.teacher_kind):  # a critic that does not mirror the real score
+            name += f"-{cfg.critic_kind}-critic"
         return name
     if isinstance(cfg, (OdePairsConfig, OdeInitConfig)) and cfg.teacher_kind == "causal":
         return causal_folder("ode-pairs" if isinstance(cfg, OdePairsConfig) else "ode-init")

@@ -534,20 +534,16 @@ def _dmd_models(
 ) -> tuple[CausalWanModel, CausalWanModel, CausalWanModel]:
     """(generator, critic, real score) from their checkpoints, with errors naming the stage that makes each."""
     dev = ctx.device
-
-    def teacher_of(kind: str, given: str | None, what: str, option: str) -> Path:
-        return teacher_path(cfg, kind, given, what, option)
-
-    real_path = teacher_of(cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
+    real_path = teacher_path(cfg, cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
     check_kind(real_path, cfg.teacher_kind, "--teacher-kind")
     critic_kind = cfg.critic_kind or cfg.teacher_kind
     if cfg.critic_init is None and critic_kind == cfg.teacher_kind:
         critic_path = real_path
     else:
-        critic_path = teacher_of(critic_kind, cfg.critic_init, "critic init checkpoint", "--critic-init")
+        critic_path = teacher_path(cfg, critic_kind, cfg.critic_init, "critic init checkpoint", "--critic-init")
     if cfg.skip_ode_init:
-        gen_path = teacher_of(cfg.teacher_kind, cfg.generator_init or cfg.teacher, "generator init",
-                              "--generator-init")  # fmt: skip
+        gen_path = teacher_path(cfg, cfg.teacher_kind, cfg.generator_init or cfg.teacher, "generator init",
+                                "--generator-init")  # fmt: skip
     else:
         causal = cfg.teacher_kind == "causal"
         gen_path = require(cfg.generator_init,

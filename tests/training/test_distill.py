@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from causvid_core.checkpoint import load_model
 from causvid_core.config import PRESETS
-from training.config import ConfigError, make_config, parse_cli
+from training.config import ConfigError, make_config, parse_cli, stage_name
 from training.data import sample_indices
 from training.distill import TrainingError, main
 
@@ -118,6 +118,8 @@ def test_table4_variants_write_separate_stage_folders(causal_chain: dict) -> Non
                 "--pairs", str(root / "shapes" / "ode-pairs"))  # fmt: skip
     assert skip["folder"].name == "dmd-no-ode-init" and causal["folder"].name == "dmd-causal-teacher"
     assert mixed["folder"].name == "dmd-causal-teacher-bidirectional-critic"
+    # a causal critic beside the bidirectional teacher is a variant too, not the recipe's dmd folder
+    assert stage_name(make_config("dmd", "tiny", {"critic_kind": "causal"})) == "dmd-causal-critic"
     with safe_open(str(causal["folder"] / "final.safetensors"), "pt") as f:
         record = json.loads(f.metadata()["causvid_training"])
     assert record["teacher_kind"] == "causal" and record["critic_kind"] is None
