@@ -115,8 +115,8 @@ class DMDConfig(RunConfig):
     teacher: str | None = None  # real score; default teacher/final (or teacher-causal/final)
     teacher_kind: str = "bidirectional"  # or 'causal'
     # the critic (fake score) mirrors the real score by default: the same kind (block-causal for a causal
-    # teacher) and the same initial weights, so the two agree where the student already matches the data;
-    # 'bidirectional' with a causal teacher is version 3's ablation (critic from the bidirectional teacher)
+    # teacher) and the same initial weights, so the two agree where the student already matches the data
+    # (on Shapes a bidirectional critic beside the causal teacher scored the same; the ODE init decides)
     critic_kind: str | None = None  # default: teacher_kind
     critic_init: str | None = None  # default: the teacher of critic_kind
     # default: ode-init/final, ode-init-causal-teacher/final with a causal teacher (the teacher with
