@@ -97,7 +97,7 @@ def embedded_file(name: str, part: str) -> Path:
     return path
 
 
-def _file_settings(path: Path) -> dict[str, str]:
+def file_metadata(path: Path) -> dict[str, str]:
     """Metadata of a safetensors file (headers only); {} for other formats."""
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
@@ -188,7 +188,7 @@ def load_bundle(
         path = Path(source) if not name.startswith("hf://") else source
     model, report = load_model(path, dtype=dtype, device=device, lora=lora)
     model.set_attention_backend(attention)
-    metadata = _file_settings(Path(path)) if isinstance(path, Path) else {}
+    metadata = file_metadata(Path(path)) if isinstance(path, Path) else {}
     sampling, causal, fps = _settings_from(metadata)
     if chunk_frames:
         causal = dataclasses.replace(causal, chunk_frames=chunk_frames)

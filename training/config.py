@@ -131,6 +131,11 @@ class DMDConfig(RunConfig):
     min_t: float = 20.0
     max_t: float = 980.0
 
+    @property
+    def critic_kind_used(self) -> str:
+        """The critic's kind: ``critic_kind``, else the real score's."""
+        return self.critic_kind or self.teacher_kind
+
 
 @dataclass
 class PrecomputeConfig(RunConfig):
@@ -254,8 +259,8 @@ def stage_name(cfg: RunConfig) -> str:
             name += "-no-ode-init"
         if cfg.teacher_kind == "causal":
             name += "-causal-teacher"
-        if cfg.critic_kind not in (None, cfg.teacher_kind):  # a critic that does not mirror the real score
-            name += f"-{cfg.critic_kind}-critic"
+        if cfg.critic_kind_used != cfg.teacher_kind:  # a critic that does not mirror the real score
+            name += f"-{cfg.critic_kind_used}-critic"
         return name
     if isinstance(cfg, (OdePairsConfig, OdeInitConfig)) and cfg.teacher_kind == "causal":
         return causal_folder("ode-pairs" if isinstance(cfg, OdePairsConfig) else "ode-init")

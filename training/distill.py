@@ -142,12 +142,9 @@ def load_dit(path: Path, cfg: RunConfig, device: torch.device, trainable: bool) 
 def recorded_kind(path: Path) -> str | None:
     """'bidirectional' or 'causal' for a teacher checkpoint of ``teacher`` (its recorded --kind); None when
     the file records no teacher training (a Wan checkpoint, a student)."""
-    from safetensors import safe_open
+    from causvid_core.bundle import file_metadata
 
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        text = (f.metadata() or {}).get("causvid_training")
+    text = file_metadata(Path(path)).get("causvid_training")
     record = json.loads(text) if text else {}
     return record.get("kind") if record.get("stage_config") == "TeacherConfig" else None
 
@@ -158,6 +155,14 @@ def teacher_path(cfg: RunConfig, kind: str, given: str | None, what: str, option
     folder = "teacher-causal" if kind == "causal" else "teacher"
     made = make_command("teacher", cfg, " --kind causal" if kind == "causal" else "")
     return require(given, stage_dir(cfg, folder) / "final.safetensors", what, made, option)
+
+
+def chain_stage(cfg: OdeInitConfig | DMDConfig, stage: str) -> tuple[Path, str]:
+    """The folder ``stage`` writes for the teacher of ``cfg.teacher_kind`` (``ode-pairs`` or
+    ``ode-pairs-causal-teacher``, ...) and the command that makes it."""
+    causal = cfg.teacher_kind == "causal"
+    made = make_command(stage, cfg, " --teacher-kind causal" if causal else "")
+    return stage_dir(cfg, causal_folder(stage) if causal else stage), made
 
 
 def check_kind(path: Path, kind: str, option: str) -> None:
@@ -459,9 +464,7 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
 
 
 def _pairs(cfg: OdeInitConfig | DMDConfig) -> ShardSource:
-    causal = cfg.teacher_kind == "causal"
-    made = make_command("ode-pairs", cfg, " --teacher-kind causal" if causal else "")
-    default = stage_dir(cfg, causal_folder("ode-pairs") if causal else "ode-pairs")
+    default, made = chain_stage(cfg, "ode-pairs")
     folder = require(cfg.pairs, default, "ODE pair folder", made, "--pairs")
     pairs = ShardSource(folder, "trajectory", made)
     stored = pairs.meta("timesteps")[:-1]
@@ -536,7 +539,7 @@ def _dmd_models(
     dev = ctx.device
     real_path = teacher_path(cfg, cfg.teacher_kind, cfg.teacher, f"{cfg.teacher_kind} teacher checkpoint", "--teacher")
     check_kind(real_path, cfg.teacher_kind, "--teacher-kind")
-    critic_kind = cfg.critic_kind or cfg.teacher_kind
+    critic_kind = cfg.critic_kind_used
     if cfg.critic_init is None and critic_kind == cfg.teacher_kind:
         critic_path = real_path
     else:
@@ -545,11 +548,8 @@ def _dmd_models(
         gen_path = teacher_path(cfg, cfg.teacher_kind, cfg.generator_init or cfg.teacher, "generator init",
                                 "--generator-init")  # fmt: skip
     else:
-        causal = cfg.teacher_kind == "causal"
-        gen_path = require(cfg.generator_init,
-                           stage_dir(cfg, causal_folder("ode-init") if causal else "ode-init") / "final.safetensors",
-                           "ODE-init student checkpoint",
-                           make_command("ode-init", cfg, " --teacher-kind causal" if causal else ""),
+        default, made = chain_stage(cfg, "ode-init")
+        gen_path = require(cfg.generator_init, default / "final.safetensors", "ODE-init student checkpoint", made,
                            "--generator-init")  # fmt: skip
     _say(
         ctx,
@@ -567,8 +567,12 @@ def score_x0(
     model: nn.Module, x_t: Tensor, t: Tensor, text: Any, sigma: Tensor, chunks: list[int] | None
 ) -> Tensor:
     """x0 predicted by a score model at one t per sample (t [B]; repeated per frame when causal)."""
-    tt = t[:, None].expand(-1, x_t.shape[2]) if chunks else t
-    return x0_from_v(x_t, model(x_t, tt, text, chunk_sizes=chunks), sigma)
+    return x0_from_v(x_t, model(x_t, _frame_t(t, x_t, chunks), text, chunk_sizes=chunks), sigma)
+
+
+def _frame_t(t: Tensor, x_t: Tensor, chunks: list[int] | None) -> Tensor:
+    """One t per sample [B] as a block-causal model takes it: [B, F], the same t on every frame."""
+    return t[:, None].expand(-1, x_t.shape[2]) if chunks else t
 
 
 def dmd_generator_loss(
@@ -602,8 +606,7 @@ def critic_loss(
 ) -> Tensor:  # fmt: skip
     """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only (block-causal with ``chunks``)."""
     x_t = add_noise(x_fake.detach(), eps, sigma)
-    tt = t[:, None].expand(-1, x_t.shape[2]) if chunks else t
-    return flow_matching_loss(critic(x_t, tt, text, chunk_sizes=chunks), eps, x_fake.detach())
+    return flow_matching_loss(critic(x_t, _frame_t(t, x_t, chunks), text, chunk_sizes=chunks), eps, x_fake.detach())
 
 
 def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
@@ -634,7 +637,7 @@ def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
         sigma = schedule.sigma(t).float().to(dev)
         t, eps_g, eps_c = t.to(dev), randn(x0.shape, gen, dev), randn(x0.shape, gen, dev)
         real_chunks = chunks if cfg.teacher_kind == "causal" else None
-        critic_chunks = chunks if (cfg.critic_kind or cfg.teacher_kind) == "causal" else None
+        critic_chunks = chunks if cfg.critic_kind_used == "causal" else None
         out: dict[str, float] = {}
         if step % cfg.critic_steps == 0:
             with dist.autocast(ctx, cfg.amp):

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from causvid_core.bundle import file_metadata
 from causvid_core.text import ShapesTextEncoder
 
 from .state import save_weights
@@ -40,16 +40,11 @@ def recipe_stages(dit_stage: str) -> tuple[str, ...]:
     return STAGES
 
 
-def _meta(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
 def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
     """Copy a safetensors in float16 (metadata kept with portable paths, ``extra`` added); returns the
     written size."""
     sd = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
-    meta = {k: v for k, v in _meta(src).items() if k != "format"}
+    meta = {k: v for k, v in file_metadata(src).items() if k != "format"}
     if "causvid_training" in meta:  # the shipped weights name no folder of the training machine either
         meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"])))
     meta.update(extra or {})
@@ -76,7 +71,7 @@ def _config_of(folder: Path) -> dict[str, Any] | None:
     """The training config saved in a stage's final weights, with this machine's paths made portable."""
     final = folder / "final.safetensors"
     if final.is_file():
-        text = _meta(final).get("causvid_training")
+        text = file_metadata(final).get("causvid_training")
         if text:
             return _portable(json.loads(text))
     return None
@@ -125,7 +120,7 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
         if cfg:
             configs[stage] = cfg
         if summary is None:
-            step = _meta(run / stage / "final.safetensors").get("causvid_step") if cfg else None
+            step = file_metadata(run / stage / "final.safetensors").get("causvid_step") if cfg else None
             if step:  # weights copied from an earlier run folder: its log stayed there
                 lines.append(f"| {stage} | {step} | in an earlier run folder (docs/reproduction.md) | |")
             continue
@@ -158,7 +153,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
         if not path.is_file():
             raise ValueError(f"{path} not found: run the '{stage}' stage first (docs/reproduction.md)")
     out.mkdir(parents=True, exist_ok=True)
-    vae_meta = _meta(needed["vae"])
+    vae_meta = file_metadata(needed["vae"])
     stats = {"causvid_latents": vae_meta["causvid_latents"]} if "causvid_latents" in vae_meta else {}
     files = {
         "dit.safetensors": _half(needed[dit_stage], out / "dit.safetensors", stats),
@@ -166,7 +161,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     }
     if teacher:
         files["teacher.safetensors"] = _half(needed[teacher_stage], out / "teacher.safetensors", stats)
-    cfg = json.loads(_meta(needed[dit_stage])["causvid_training"])
+    cfg = json.loads(file_metadata(needed[dit_stage])["causvid_training"])
     dit = cfg["dit"]
     text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
     save_weights({k: v.contiguous() for k, v in text.state_dict().items()}, out / "text.safetensors", {})
