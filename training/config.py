@@ -174,6 +174,7 @@ class VAETrainConfig(RunConfig):
     stats_samples: int = 256
     inflate: bool = True  # at the switch to clips, temporal layers start as the image network (stills)
     mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
+    centroid_weight: float = 0.0  # Huber loss of the per-frame object centroid (px): the figures' motion
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)

@@ -202,9 +202,12 @@ def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> 
     distill.run("vae", make_config("vae", "tiny", {**base, "steps": "20", "lr": "3e-3"}))
     before = load_file(str(tmp_path / "shapes" / "vae" / "final.safetensors"))
     cfg = make_config("vae", "tiny", {**base, "steps": "30", "lr": "2e-3", "decoder_only": "true",
-                                      "mask_weight": "1", "l1_weight": "0", "mse_weight": "0"})  # fmt: skip
+                                      "mask_weight": "1", "l1_weight": "0", "mse_weight": "0",
+                                      "guide_steps": "20", "image_steps": "10"})  # fmt: skip
     rows = distill.run("vae", cfg)["rows"]
     assert np.mean([r["mask"] for r in rows[-5:]]) < np.mean([r["mask"] for r in rows[:5]])
+    # the guide shapes the (frozen) encoder and would teach the decoder to draw its blob latent: off here
+    assert not any("guide_latent" in r or "guide_recon" in r for r in rows)
     final = tmp_path / "shapes" / "vae-decoder" / "final.safetensors"
     after = load_file(str(final))
     encoder = [k for k in before if k.startswith(("encoder.", "conv1."))]
@@ -216,6 +219,20 @@ def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> 
     video = to_model_range(render_video("a red triangle moving up", 1, 5, 64))[None]
     blurred = torch.nn.functional.avg_pool3d(video, (1, 5, 5), 1, (0, 2, 2), count_include_pad=False)
     assert 20 * mask_loss(video, video) < mask_loss(blurred, video)
+
+
+def test_centroid_loss_measures_the_object_shift_in_pixels_across_the_wrap() -> None:
+    """``--centroid-weight``: 0 for the video itself, 0.5 (Huber of 1 px) for a copy moved by one pixel,
+    also when the object straddles the canvas edge (the wrapped centroid, as the figures measure it)."""
+    from training.vae_stage import centroid_loss
+
+    video = to_model_range(render_video("a red square moving right on a gray background", 3, 5, 64))[None]
+    assert centroid_loss(video, video).item() == pytest.approx(0.0, abs=1e-5)
+    assert centroid_loss(torch.roll(video, 1, dims=-1), video).item() == pytest.approx(0.5, abs=0.01)
+    at_edge = torch.roll(video, 64 - int(video[0, 0, 0].gt(0.5).float().mean(0).argmax()), dims=-1)
+    moved = torch.roll(at_edge, 1, dims=-1)  # straddling the left/right edge, one pixel further right
+    assert centroid_loss(moved, at_edge).item() == pytest.approx(0.5, abs=0.01)
+    assert centroid_loss(torch.roll(video, 3, dims=-1), video).item() == pytest.approx(2.5, abs=0.05)
 
 
 def test_decoder_fine_tune_needs_a_finished_vae(tmp_path) -> None:
