@@ -193,11 +193,20 @@ class StreamingGenerator:
         return self.causal.chunk_frames
 
     def steps_for_strength(self, strength: float) -> list[float]:
-        """The few-step list from the first step at or below ``strength * 1000`` (video-to-video)."""
+        """The steps of a video-to-video chunk: the first at ``strength * 1000`` itself, then the steps of
+        the few-step list below it (a strength on the list starts there; 1 is the whole list).
+
+        Starting only at list steps would give the 3-step list two settings (every strength up to 0.75
+        starting at 522, one step): a slider that does nothing over most of its range. On the Shapes
+        model (docs/reproduction.md, Zero-shot) 0.3 keeps the source's path within 2 px, 0.6 takes a
+        new colour in almost every frame.
+        """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        steps = [t for t in self.timesteps if t <= strength * self.sampling.num_train_timesteps + 1e-6]
-        return steps or self.timesteps[-1:]
+        t = strength * self.sampling.num_train_timesteps
+        below = [s for s in self.timesteps if s < t - 1e-6]
+        at = [s for s in self.timesteps if abs(s - t) <= 1e-6]
+        return (at or [round(t, 6)]) + below
 
     def next_chunk(
         self, num_frames: int | None = None, *, init: Tensor | None = None, strength: float = 1.0
@@ -205,7 +214,7 @@ class StreamingGenerator:
         """Generate the next chunk of clean latents [B, C, f, H, W] (float32, on the model's device).
 
         With ``init`` (clean source latents of this chunk, video-to-video) the chunk starts from
-        ``init`` noised to the first step at or below ``strength``; strength 1 ignores the source.
+        ``init`` noised to timestep ``strength * 1000`` (``steps_for_strength``); 1 ignores the source.
         """
         if init is not None:
             self._check_latents(init)

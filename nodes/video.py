@@ -234,7 +234,8 @@ class CausVidStreamV2V:
                 "vae": ("CAUSVID_VAE",),
                 "prompts": ("CAUSVID_PROMPTS",),
                 "strength": ("FLOAT", {"default": 0.6, "min": 0.01, "max": 1.0, "step": 0.01,
-                                       "tooltip": "how far from the source: 1 ignores it"}),
+                                       "tooltip": "how far from the source: the first step is at timestep strength x 1000 "
+                                                  "(low keeps the layout, high takes the prompt; 1 ignores it)"}),
                 "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),

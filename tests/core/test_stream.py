@@ -144,12 +144,15 @@ def test_bad_context_names_the_expected_shape(model, prompts) -> None:
 
 
 def test_video_to_video_strength(model, prompts) -> None:
-    """Low strength stays near the source; strength 1 ignores it; the step list is cut at the strength."""
+    """Low strength stays near the source; strength 1 ignores it; the first step is the strength's own
+    timestep, then the list below it, so every strength setting differs (not just two of them)."""
     src = torch.randn(1, TINY.dit.in_dim, 3, 4, 4)
     gen = _gen(model, prompts[0])
     assert gen.steps_for_strength(1.0) == [1000.0, 757.0, 522.0]
-    assert gen.steps_for_strength(0.6) == [522.0]
-    assert gen.steps_for_strength(0.3) == [522.0]  # below the list: its last step
+    assert gen.steps_for_strength(0.757) == [757.0, 522.0]  # on the list: from there
+    assert gen.steps_for_strength(0.9) == [900.0, 757.0, 522.0]
+    assert gen.steps_for_strength(0.6) == [600.0, 522.0]
+    assert gen.steps_for_strength(0.3) == [300.0]  # below the list: one step from its own timestep
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         gen.steps_for_strength(0.0)
     full = _gen(model, prompts[0]).next_chunk(3)
@@ -158,3 +161,7 @@ def test_video_to_video_strength(model, prompts) -> None:
     assert torch.allclose(full, restyled_full, atol=1e-5)  # the source is fully noised away
     other_src = _gen(model, prompts[0]).next_chunk(init=src + 1.0, strength=0.6)
     assert (other_src - restyled_half).abs().mean() > 1e-2  # a partly noised source carries through
+    # a lower strength keeps more of the source: 0.3 and 0.45 differ (both started at 522 before)
+    low, mid = (_gen(model, prompts[0]).next_chunk(init=src, strength=s) for s in (0.3, 0.45))
+    assert (low - mid).abs().mean() > 1e-3
+    assert (low - src).abs().mean() < (restyled_full - src).abs().mean()
