@@ -30,10 +30,13 @@ stage precompute
 # the teacher in two runs (version 3): version 1's 7000 steps, then 3500 more from its weights at lr 2e-4
 stage teacher --data "$LATENTS" --out-dir "$RUNS/shapes/teacher-base" --resume
 stage teacher --data "$LATENTS" --init "$RUNS/shapes/teacher-base/final.safetensors" --steps 3500 --lr 2e-4 --resume
-# version 4: a causal teacher fine-tuned from the bidirectional one, and the student distilled from it
-# (its own ODE pairs and ODE init; DMD's critic mirrors it)
+# versions 4-5: a causal teacher fine-tuned from the bidirectional one, and the student distilled from it
+# (its own ODE pairs and ODE init; DMD's critic mirrors it). Version 5: the causal teacher in two runs,
+# 3500 steps at lr 2e-4 into teacher-causal-base, then 3500 more at 1e-4 into teacher-causal
 stage teacher --kind causal --data "$LATENTS" --init "$RUNS/shapes/teacher/final.safetensors" --steps 3500 --lr 2e-4 \
-      --resume
+      --out-dir "$RUNS/shapes/teacher-causal-base" --resume
+stage teacher --kind causal --data "$LATENTS" --init "$RUNS/shapes/teacher-causal-base/final.safetensors" --steps 3500 \
+      --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
 stage dmd --teacher-kind causal --resume

@@ -29,8 +29,9 @@ BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at mo
 # stage trained in several (docs/training.md), each continued with --init by the next
 STAGES = ("vae-images", "vae-colour", "vae", "vae-decoder", "latents", "teacher-base", "teacher", "ode-pairs",
           "ode-init", "dmd")
-# a student distilled from the causal teacher (fine-tuned from the bidirectional one) comes from this chain
-CAUSAL_CHAIN = ("teacher-causal", "ode-pairs-causal-teacher", "ode-init-causal-teacher", "dmd-causal-teacher")
+# a student distilled from the causal teacher (fine-tuned from the bidirectional one, since version 5 in two
+# runs: teacher-causal-base, continued into teacher-causal) comes from this chain
+CAUSAL_CHAIN = ("teacher-causal-base", "teacher-causal", "ode-pairs-causal-teacher", "ode-init-causal-teacher", "dmd-causal-teacher")
 
 
 def recipe_stages(dit_stage: str) -> tuple[str, ...]:

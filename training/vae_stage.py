@@ -110,7 +110,8 @@ def centroid_loss(recon: Tensor, video: Tensor) -> Tensor:
     size = torch.tensor([video.shape[-1], video.shape[-2]], device=video.device, dtype=a.dtype)
     delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     err = torch.sqrt(delta.square().sum(-1) + 1e-6)
-    there = (truth.sum((-1, -2)) >= 16.0).to(err)  # the figures' MIN_AREA at 64x64
+    min_area = 16.0 * video.shape[-1] * video.shape[-2] / 64**2  # the figures' MIN_AREA (16 px at 64x64)
+    there = (truth.sum((-1, -2)) >= min_area).to(err)
     return (F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0) * there).sum() / there.sum().clamp_min(1)
 
 

@@ -89,6 +89,8 @@ def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> 
     # the bidirectional teacher came from an earlier run folder: its weights are here, its log is not
     (run / "teacher").mkdir()
     shutil.copy(run / "teacher-causal" / "final.safetensors", run / "teacher" / "final.safetensors")
+    (run / "teacher-causal-base").mkdir()  # version 5's first causal run (continued into teacher-causal)
+    shutil.copy(run / "teacher-causal" / "final.safetensors", run / "teacher-causal-base" / "final.safetensors")
     (run / "dmd-causal-teacher").mkdir()
     shutil.copy(run / "teacher-causal" / "final.safetensors", run / "dmd-causal-teacher" / "final.safetensors")
     (run / "dmd").mkdir()  # a Table 4 row of the same run folder, not behind the shipped student
@@ -98,6 +100,7 @@ def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> 
     export(run, out, dit_stage="dmd-causal-teacher", teacher_stage="teacher-causal")
     card = (out / "MODEL_CARD.md").read_text()
     assert card.index("| teacher | 2 | in an earlier run folder") < card.index("| teacher-causal | 2 |")
+    assert card.index("| teacher-causal-base | 2 | in an earlier") < card.index("| teacher-causal | 2 |")
     assert "<summary>dmd-causal-teacher</summary>" in card and "<summary>dmd</summary>" not in card
     with safe_open(str(out / "teacher.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["causvid_training"])["kind"] == "causal"
