@@ -24,7 +24,7 @@ if [ "$NPROC" -gt 1 ]; then
 fi
 stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
-# Ablation trainings. The recipe (version 4) already made the causal teacher (fine-tuned from the
+# Ablation trainings. The recipe (version 5) already made the causal teacher (fine-tuned from the
 # bidirectional one) and the student distilled from it (ODE init + causal teacher, shipped).
 stage ode-pairs                                                   # the bidirectional teacher's pairs
 stage ode-init --resume                                           # ODE init only
