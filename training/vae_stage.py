@@ -73,14 +73,14 @@ def mask_loss(recon: Tensor, video: Tensor) -> Tensor:
     """
     bg = background(video)
     target = ((video - bg).square().sum(1) > OBJECT_DISTANCE**2).float()
-    dist = ((recon - bg).square().sum(1) + 1e-6).sqrt()
-    return F.binary_cross_entropy_with_logits((dist - OBJECT_DISTANCE) / MASK_SOFTNESS, target)
+    return F.binary_cross_entropy_with_logits(object_logit(recon, bg), target)
 
 
-def soft_mask(video: Tensor, bg: Tensor) -> Tensor:
-    """[B, T, H, W] in 0..1: a sigmoid of the distance from the background, centred on the figures' 80."""
+def object_logit(video: Tensor, bg: Tensor) -> Tensor:
+    """[B, T, H, W]: the distance of each pixel from the background, centred on the figures' 80 and
+    scaled by ``MASK_SOFTNESS``; its sigmoid is a soft object mask."""
     dist = ((video - bg).square().sum(1) + 1e-6).sqrt()
-    return torch.sigmoid((dist - OBJECT_DISTANCE) / MASK_SOFTNESS)
+    return (dist - OBJECT_DISTANCE) / MASK_SOFTNESS
 
 
 def circular_centroid(mask: Tensor) -> Tensor:
@@ -105,8 +105,8 @@ def centroid_loss(recon: Tensor, video: Tensor) -> Tensor:
     where the video itself scores 99.6. Blurry L1/MSE barely see a sub-pixel shift of a blob; this does.
     """
     bg = background(video)
-    truth = soft_mask(video, bg)
-    a, b = circular_centroid(soft_mask(recon, bg)), circular_centroid(truth)
+    truth = torch.sigmoid(object_logit(video, bg))
+    a, b = circular_centroid(torch.sigmoid(object_logit(recon, bg))), circular_centroid(truth)
     size = torch.tensor([video.shape[-1], video.shape[-2]], device=video.device, dtype=a.dtype)
     delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     err = torch.sqrt(delta.square().sum(-1) + 1e-6)
