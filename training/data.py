@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from causvid_core.bundle import file_metadata
 from causvid_core.text import ShapesTextEncoder
 
 from .config import ConfigError, RunConfig
@@ -240,8 +241,7 @@ class ShardSource:
         return Batch(torch.stack(lat), torch.stack(ctx), prompts)
 
     def meta(self, key: str) -> Any:
-        with safe_open(str(self.files[0]), "pt") as f:
-            value = f.metadata().get(key)
+        value = file_metadata(Path(self.files[0])).get(key)
         return None if value is None else json.loads(value)
 
 

@@ -68,16 +68,6 @@ def stage_summary(folder: Path) -> dict[str, Any] | None:
     return {"steps": int(last["step"]), "wall_s": last.get("wall_s", 0.0), "last": means}
 
 
-def _config_of(folder: Path) -> dict[str, Any] | None:
-    """The training config saved in a stage's final weights, with this machine's paths made portable."""
-    final = folder / "final.safetensors"
-    if final.is_file():
-        text = file_metadata(final).get("causvid_training")
-        if text:
-            return _portable(json.loads(text))
-    return None
-
-
 def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
     """``runs_dir`` becomes ``runs`` and paths under it ``runs/...``: the card names no folder of the
     machine that trained the model (the recipe's commands use ``--runs-dir runs``)."""
@@ -117,11 +107,13 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
     configs = {}
     for stage in stages:
         summary = stage_summary(run / stage)
-        cfg = _config_of(run / stage)
+        meta = file_metadata(run / stage / "final.safetensors")  # {} when the stage has no final weights
+        # the training config saved in the stage's final weights, with this machine's paths made portable
+        cfg = _portable(json.loads(meta["causvid_training"])) if meta.get("causvid_training") else None
         if cfg:
             configs[stage] = cfg
         if summary is None:
-            step = file_metadata(run / stage / "final.safetensors").get("causvid_step") if cfg else None
+            step = meta.get("causvid_step") if cfg else None
             if step:  # weights copied from an earlier run folder: its log stayed there
                 lines.append(f"| {stage} | {step} | in an earlier run folder (docs/reproduction.md) | |")
             continue

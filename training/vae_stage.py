@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from causvid_core.bundle import file_metadata
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
@@ -299,8 +299,7 @@ def load_init(vae: WanVAE, path: Path) -> tuple[list[float], list[float]] | None
 
 def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
     """Rewrite a VAE safetensors with the latent statistics added to its metadata (atomic)."""
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = dict(file_metadata(path))
     meta.pop("format", None)
     meta[LATENTS_META] = json.dumps({"mean": mean, "std": std})
     save_weights(load_file(str(path)), path, meta)
