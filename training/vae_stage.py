@@ -359,7 +359,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if cfg.data_size:  # cycle over a fixed set (small reproducible runs)
             first %= cfg.data_size
         video = torch.stack([data.sample(first + k)[0] for k in range(batch)]).to(dev)
-        if cfg.inflate and 0 < cfg.image_steps == step and not cfg.decoder_only:
+        if cfg.inflate and 0 < image_steps == step:  # never in a decoder fine-tune (image_steps 0)
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
