@@ -28,7 +28,7 @@ from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 from . import dist
 from .config import ConfigError, VAETrainConfig
 from .data import run_vae_path
-from .shapes import ShapesDataset
+from .shapes import SHAPE_NAMES, ShapesDataset, parse_prompt
 from .state import Trainable, save_weights
 
 LATENTS_META = "causvid_latents"  # the key causvid_core.bundle reads (kept in sync by a test)
@@ -115,6 +115,28 @@ def centroid_loss(recon: Tensor, video: Tensor) -> Tensor:
     return (F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0) * there).sum() / there.sum().clamp_min(1)
 
 
+SHAPE_CHANNELS = slice(3, 6)  # after the colour guide's 0-2: one channel per shape, +1 for it, -1 otherwise
+
+
+def shape_code_loss(mu: Tensor, video: Tensor, shapes: Tensor) -> Tensor:
+    """Squared error between latent channels 3-5 and the clip's shape code (+1 on the shape's channel,
+    -1 on the other two), weighted by how much of each latent cell the object covers (in the frames the
+    latent frames start on, as ``pooled_colour``).
+
+    Why: every Shapes VAE trained on reconstruction alone encoded a circle and a square at the same
+    place and colour 0.4-0.8 apart in a latent of norm 13-17 (a triangle ~2.5), and decoded all three
+    as blobs (fill ratios 0.83 / 0.84-0.89 / 0.64-0.75 against 0.77 / 0.99 / 0.57): the corners are too
+    few pixels for L1/MSE to pay for carrying them. This puts the shape into the latent explicitly, so
+    the decoder (and the DiT that writes those latents from the prompt) has it to draw.
+    """
+    frames = video[:, :, ::4]
+    far = (frames - background(video)).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2
+    cover = F.avg_pool3d(far.float(), (1, 8, 8))  # [B, 1, F, h, w]: share of each cell that is object
+    target = F.one_hot(shapes.long(), 3).to(mu) * 2 - 1  # [B, 3]
+    err = (mu[:, SHAPE_CHANNELS] - target[:, :, None, None, None]).square().sum(1, keepdim=True)
+    return (err * cover).sum() / cover.sum().clamp_min(1e-6)
+
+
 def init_posterior(vae: WanVAE, log_std: float = -4.0) -> None:
     """Start with a narrow posterior (logvar bias 2 * log_std): with Wan's default init the samples are
     almost pure noise and the decoder learns nothing for hundreds of steps."""
@@ -157,9 +179,11 @@ def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
 
 
 def vae_loss(
-    vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0
+    vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
+    shapes: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step).
+    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step);
+    ``shapes`` [B] the index of each clip's shape (``SHAPE_NAMES``), needed by ``--shape-weight``.
 
     ``guide`` > 0 adds the pooled-colour guide (see ``guide_weight``): the encoder's means regress onto
     a fixed 8x8-pooled, 16-channel lift of the frames, and the decoder also reconstructs from that lift.
@@ -190,6 +214,12 @@ def vae_loss(
         centroid = centroid_loss(recon, video)
         loss = loss + cfg.centroid_weight * centroid
         parts["centroid"] = float(centroid.detach())
+    if cfg.shape_weight > 0:
+        if shapes is None:
+            raise ConfigError("--shape-weight needs the shape of every clip")
+        code = shape_code_loss(mu, video, shapes)
+        loss = loss + cfg.shape_weight * code
+        parts["shape_code"] = float(code.detach())
     if guide > 0 and cfg.guide == "colour":
         # only the first three channels are pulled onto the cell colours; the decoder is never asked to
         # draw from a guide latent, and the other channels stay free to carry the outline
@@ -358,14 +388,16 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         first = (step * ctx.world_size + ctx.rank) * batch
         if cfg.data_size:  # cycle over a fixed set (small reproducible runs)
             first %= cfg.data_size
-        video = torch.stack([data.sample(first + k)[0] for k in range(batch)]).to(dev)
+        items = [data.sample(first + k) for k in range(batch)]
+        video = torch.stack([v for v, _ in items]).to(dev)
+        shapes = torch.tensor([SHAPE_NAMES.index(parse_prompt(p).shape) for _, p in items], device=dev)
         if cfg.inflate and 0 < image_steps == step:  # never in a decoder fine-tune (image_steps 0)
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
         with dist.autocast(ctx, cfg.amp):
             loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
-                                   video, randn(lat, gen, dev), cfg, guide_weight(step, cfg))  # fmt: skip
+                                   video, randn(lat, gen, dev), cfg, guide_weight(step, cfg), shapes)  # fmt: skip
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift

@@ -288,3 +288,38 @@ def test_quadrant_guide_carries_the_outline_at_4_pixels() -> None:
         guide_latent(video, 16, "edges")
     with pytest.raises(ConfigError, match="at least 12 latent channels"):
         guide_latent(video, 8, "quadrants")
+
+
+def test_shape_code_is_zero_for_the_right_code_on_the_object_and_ignores_the_background() -> None:
+    """The shape code asks channels 3-5 of the object's latent cells for +1 on the clip's shape and -1
+    on the others; cells without object are free, and a wrong shape costs."""
+    from training.vae_stage import shape_code_loss
+
+    video = to_model_range(render_video("a red square moving right", seed=3, num_frames=5, size=32))[None]
+    mu = torch.randn(1, 16, 2, 4, 4)
+    mu[:, 3:6] = torch.tensor([-1.0, 1.0, -1.0])[None, :, None, None, None]  # circle, square, triangle
+    square = torch.tensor([1])
+    assert shape_code_loss(mu, video, square).item() == pytest.approx(0.0, abs=1e-6)
+    # the background cells (far from the object) can hold anything
+    far_off = mu.clone()
+    far_off[:, 3:6] += 5.0 * (shape_cover(video) == 0)
+    assert shape_code_loss(far_off, video, square).item() == pytest.approx(0.0, abs=1e-6)
+    # every object cell coded as a circle: each pays (2^2 + 2^2) = 8
+    assert shape_code_loss(mu, video, torch.tensor([0])).item() == pytest.approx(8.0, rel=1e-5)
+
+
+def shape_cover(video: torch.Tensor) -> torch.Tensor:
+    """[1, 1, F, h, w]: cells with any object pixel in the frames the latent frames start on."""
+    bg = video[:, :, :1, :1, :1]  # black background: the top-left pixel
+    far = (video[:, :, ::4] - bg).abs().sum(1, keepdim=True) > 0.3
+    return torch.nn.functional.max_pool3d(far.float(), (1, 8, 8))
+
+
+def test_shape_weight_trains_the_shape_into_the_latent(tmp_path) -> None:
+    """``vae --shape-weight W``: the stage hands every clip's shape to the loss, and the code error falls
+    as the encoder learns to carry it."""
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "30", "save_every": "30",
+                                      "lr": "3e-3", "stats_samples": "4", "clip_frames": "5",
+                                      "lr_warmup": "2", "shape_weight": "1"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    assert np.mean([r["shape_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["shape_code"] for r in rows[:5]])
