@@ -177,6 +177,7 @@ class VAETrainConfig(RunConfig):
     centroid_weight: float = 0.0  # Huber loss of the per-frame object centroid (px): the figures' motion
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
+    temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 

@@ -173,6 +173,36 @@ def inflate_temporal(vae: WanVAE) -> None:
             module.weight[:, :, :-1] = 0.0
 
 
+def train_temporal_only(vae: WanVAE) -> int:
+    """Freeze everything that acts on a still: only the past time taps of the causal convolutions and the
+    temporal resampling convolutions train (the current-frame tap's gradient is masked to zero). Returns
+    the number of trainable weights.
+
+    Why: a VAE that decodes single frames with the right colour and shape lost both in its clip phase
+    (single-frame round trips colour 100 / shape 79, then 33-frame round trips 71-76 / 44-52 after 500-1500
+    clip steps). With the image network frozen, a clip reconstructs its first frame exactly as the image
+    phase left it, and the clip phase can only add what the frames before contribute (the motion).
+    """
+    from causvid_core.vae import CausalConv3d, Resample
+
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    time_convs = {m.time_conv for m in vae.modules() if isinstance(m, Resample) and hasattr(m, "time_conv")}
+    count = 0
+    for module in vae.modules():
+        if module in time_convs:
+            for p in module.parameters():
+                p.requires_grad_(True)
+                count += p.numel()
+        elif isinstance(module, CausalConv3d) and module.kernel_size[0] > 1:
+            module.weight.requires_grad_(True)
+            mask = torch.ones_like(module.weight)
+            mask[:, :, -1] = 0.0  # the current frame's tap: the image network
+            module.weight.register_hook(lambda grad, mask=mask: grad * mask)
+            count += int(mask.sum())
+    return count
+
+
 def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     state = VAEStreamState("decode")
     return vae.decoder(vae.conv2(z, state), state)
@@ -368,6 +398,13 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.decoder_only and (cfg.image_steps or cfg.guide_steps):
         _say(ctx, "decoder fine-tune: clips from step 0, no guide (--image-steps and --guide-steps apply to "
                   "training the whole VAE)")  # fmt: skip
+    if cfg.temporal_only:
+        if cfg.decoder_only or cfg.image_steps:
+            raise ConfigError("--temporal-only trains the clip phase of a VAE trained on frames (--init, "
+                              "--image-steps 0); it does not combine with --decoder-only")  # fmt: skip
+        if not cfg.init:
+            raise ConfigError("--temporal-only needs --init: the VAE whose image network it keeps")
+        _say(ctx, f"temporal layers only: {train_temporal_only(raw) / 1e6:.3f}M weights train")
     n = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     _say(
         ctx,
@@ -375,7 +412,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     )
     model = dist.wrap(raw, ctx)
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    # no weight decay with --temporal-only: it would shrink the masked current-frame taps as well
+    decay = 0.0 if cfg.temporal_only else cfg.weight_decay
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=decay)
     t = Trainable("step", model, opt, raw)
     clips = ShapesDataset(cfg.clip_frames, cfg.height, seed=cfg.seed)
     images = ShapesDataset(1, cfg.height, seed=cfg.seed + 1)  # first frames of fresh videos
@@ -391,7 +430,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         items = [data.sample(first + k) for k in range(batch)]
         video = torch.stack([v for v, _ in items]).to(dev)
         shapes = torch.tensor([SHAPE_NAMES.index(parse_prompt(p).shape) for _, p in items], device=dev)
-        if cfg.inflate and 0 < image_steps == step:  # never in a decoder fine-tune (image_steps 0)
+        # never in a decoder fine-tune; with --temporal-only at step 0 (its --init was trained on frames)
+        if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only):
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)

@@ -323,3 +323,34 @@ def test_shape_weight_trains_the_shape_into_the_latent(tmp_path) -> None:
                                       "lr_warmup": "2", "shape_weight": "1"})  # fmt: skip
     rows = distill.run("vae", cfg)["rows"]
     assert np.mean([r["shape_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["shape_code"] for r in rows[:5]])
+
+
+def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -> None:
+    """``vae --temporal-only true --init V``: the clip phase trains only the past time taps and the temporal
+    resampling, so every still (and the first frame of every clip) decodes exactly as V decoded it."""
+    from safetensors.torch import load_file
+
+    base = {"runs_dir": str(tmp_path), "stats_samples": "4", "clip_frames": "5", "lr_warmup": "2"}
+    images = make_config("vae", "tiny", {**base, "steps": "10", "save_every": "10", "image_steps": "10",
+                                         "lr": "3e-3", "out_dir": str(tmp_path / "images")})  # fmt: skip
+    distill.run("vae", images)
+    init = tmp_path / "images" / "final.safetensors"
+    cfg = make_config("vae", "tiny", {**base, "steps": "12", "save_every": "12", "lr": "3e-3",
+                                      "temporal_only": "true", "init": str(init)})  # fmt: skip
+    distill.run("vae", cfg)
+    before, after = load_file(str(init)), load_file(str(tmp_path / "shapes" / "vae" / "final.safetensors"))
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved, "the clip phase trained nothing"
+    for k in moved:  # only the temporal resampling and the past taps of 3-tap time kernels moved
+        if "time_conv" not in k:
+            assert after[k].dim() == 5 and after[k].shape[2] == 3, k
+            assert torch.equal(before[k][:, :, -1], after[k][:, :, -1]), k
+    still = to_model_range(render_video("a red square moving right", seed=3, num_frames=1, size=32))[None]
+    first, second = load_wan_vae(str(init)).eval(), load_wan_vae(str(tmp_path / "shapes" / "vae" / "final.safetensors")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(second.decode(second.encode(still)), first.decode(first.encode(still)))
+
+
+def test_temporal_only_says_what_it_needs() -> None:
+    with pytest.raises(ConfigError, match="needs --init"):
+        distill.run("vae", make_config("vae", "tiny", {"temporal_only": "true", "steps": "1"}))
