@@ -176,6 +176,7 @@ class VAETrainConfig(RunConfig):
     mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
     centroid_weight: float = 0.0  # Huber loss of the per-frame object centroid (px): the figures' motion
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
+    object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'

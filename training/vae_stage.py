@@ -115,6 +115,23 @@ def centroid_loss(recon: Tensor, video: Tensor) -> Tensor:
     return (F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0) * there).sum() / there.sum().clamp_min(1)
 
 
+def object_colour_loss(recon: Tensor, video: Tensor) -> Tensor:
+    """Squared error (summed over RGB, in -1..1 units) between the mean colour of ``recon`` and of ``video``
+    over the true object's pixels, per frame, averaged over frames with an object.
+
+    Why: VAEs that carry the shape decoded some objects in the wrong hue, frame by frame (a magenta triangle
+    on gray as cyan, blue, magenta in turn; a yellow one as orange), while the 8x8 cell colours that
+    ``--colour-weight`` matches are mostly background around a small object. The figures' colour accuracy
+    is the nearest palette colour of exactly this mean.
+    """
+    far = ((video - background(video)).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2).to(recon)  # [B,1,T,H,W]
+    area = far.sum((-1, -2))  # [B, 1, T]
+    mean = lambda x: (x * far).sum((-1, -2)) / area.clamp_min(1.0)  # noqa: E731  [B, 3, T]
+    there = (area > 0).to(recon)
+    err = (mean(recon) - mean(video)).square().sum(1, keepdim=True)
+    return (err * there).sum() / there.sum().clamp_min(1.0)
+
+
 SHAPE_CHANNELS = slice(3, 6)  # after the colour guide's 0-2: one channel per shape, +1 for it, -1 otherwise
 
 
@@ -244,6 +261,10 @@ def vae_loss(
         centroid = centroid_loss(recon, video)
         loss = loss + cfg.centroid_weight * centroid
         parts["centroid"] = float(centroid.detach())
+    if cfg.object_colour_weight > 0:
+        obj = object_colour_loss(recon, video)
+        loss = loss + cfg.object_colour_weight * obj
+        parts["object_colour"] = float(obj.detach())
     if cfg.shape_weight > 0:
         if shapes is None:
             raise ConfigError("--shape-weight needs the shape of every clip")

@@ -354,3 +354,20 @@ def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -
 def test_temporal_only_says_what_it_needs() -> None:
     with pytest.raises(ConfigError, match="needs --init"):
         distill.run("vae", make_config("vae", "tiny", {"temporal_only": "true", "steps": "1"}))
+
+
+def test_object_colour_loss_measures_the_hue_of_the_object_not_the_background() -> None:
+    """``--object-colour-weight``: the squared error of the object's mean colour; a reconstruction that
+    recolours the object pays the colour difference, one that changes only background pixels pays 0."""
+    from training.vae_stage import object_colour_loss
+
+    video = to_model_range(render_video("a magenta triangle moving down on a gray background", seed=3,
+                                        num_frames=5, size=32))[None]  # fmt: skip
+    assert object_colour_loss(video, video).item() == pytest.approx(0.0, abs=1e-7)
+    bg = video[:, :, :1, :1, :1]
+    obj = (video - bg).square().sum(1, keepdim=True) > (2 * 80 / 255) ** 2
+    noisy_bg = torch.where(obj, video, video + 0.1 * torch.randn_like(video))
+    assert object_colour_loss(noisy_bg, video).item() == pytest.approx(0.0, abs=1e-7)
+    shift = torch.tensor([-0.5, 0.3, 0.0])[None, :, None, None, None]  # toward blue-cyan
+    recoloured = torch.where(obj, video + shift, video)
+    assert object_colour_loss(recoloured, video).item() == pytest.approx(0.25 + 0.09, rel=1e-4)
