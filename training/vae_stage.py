@@ -419,6 +419,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.decoder_only and (cfg.image_steps or cfg.guide_steps):
         _say(ctx, "decoder fine-tune: clips from step 0, no guide (--image-steps and --guide-steps apply to "
                   "training the whole VAE)")  # fmt: skip
+    if cfg.shape_weight > 0 and cfg.guide_steps > 0 and cfg.guide != "colour" and not cfg.decoder_only:
+        raise ConfigError(f"--shape-weight codes latent channels 3-5, which --guide {cfg.guide} pulls onto its own "
+                          "target for --guide-steps: use --guide colour (channels 0-2) or --guide-steps 0")  # fmt: skip
     if cfg.temporal_only:
         if cfg.decoder_only or cfg.image_steps:
             raise ConfigError("--temporal-only trains the clip phase of a VAE trained on frames (--init, "

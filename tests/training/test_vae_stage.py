@@ -351,9 +351,12 @@ def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -
         torch.testing.assert_close(second.decode(second.encode(still)), first.decode(first.encode(still)))
 
 
-def test_temporal_only_says_what_it_needs() -> None:
+def test_temporal_only_and_the_shape_code_say_what_they_need() -> None:
     with pytest.raises(ConfigError, match="needs --init"):
         distill.run("vae", make_config("vae", "tiny", {"temporal_only": "true", "steps": "1"}))
+    # the pooled guide pulls every latent channel, the shape code's three among them
+    with pytest.raises(ConfigError, match="--guide colour"):
+        distill.run("vae", make_config("vae", "tiny", {"shape_weight": "1", "guide_steps": "5", "steps": "1"}))
 
 
 def test_object_colour_loss_measures_the_hue_of_the_object_not_the_background() -> None:
