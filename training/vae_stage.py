@@ -48,7 +48,7 @@ def pixel_weights(video: Tensor, object_weight: float) -> Tensor:
     covers at most one corner of a Shapes frame), so the loss does not drown the object in background."""
     if object_weight == 1.0:
         return video.new_ones(1)
-    far = (video - background(video)).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2
+    far = object_mask(video, background(video))
     return 1.0 + (object_weight - 1.0) * far.float()
 
 
@@ -64,6 +64,11 @@ def background(video: Tensor) -> Tensor:
     return corners.median(dim=-1).values[:, :, None, None, None]
 
 
+def object_mask(video: Tensor, bg: Tensor) -> Tensor:
+    """[B, 1, T, H, W] bool: the pixels of ``video`` farther than the figures' 80 (RGB) from ``bg``."""
+    return (video - bg).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2
+
+
 def mask_loss(recon: Tensor, video: Tensor) -> Tensor:
     """Binary cross-entropy of a soft segmentation of ``recon`` against the true object mask.
 
@@ -72,7 +77,7 @@ def mask_loss(recon: Tensor, video: Tensor) -> Tensor:
     fill ratio names the wrong shape). This term acts on the pixels on the wrong side of the threshold.
     """
     bg = background(video)
-    target = ((video - bg).square().sum(1) > OBJECT_DISTANCE**2).float()
+    target = object_mask(video, bg)[:, 0].float()
     return F.binary_cross_entropy_with_logits(object_logit(recon, bg), target)
 
 
@@ -124,7 +129,7 @@ def object_colour_loss(recon: Tensor, video: Tensor) -> Tensor:
     ``--colour-weight`` matches are mostly background around a small object. The figures' colour accuracy
     is the nearest palette colour of exactly this mean.
     """
-    far = ((video - background(video)).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2).to(recon)  # [B,1,T,H,W]
+    far = object_mask(video, background(video)).to(recon)  # [B, 1, T, H, W]
     area = far.sum((-1, -2))  # [B, 1, T]
     mean = lambda x: (x * far).sum((-1, -2)) / area.clamp_min(1.0)  # noqa: E731  [B, 3, T]
     there = (area > 0).to(recon)
@@ -147,7 +152,7 @@ def shape_code_loss(mu: Tensor, video: Tensor, shapes: Tensor) -> Tensor:
     the decoder (and the DiT that writes those latents from the prompt) has it to draw.
     """
     frames = video[:, :, ::4]
-    far = (frames - background(video)).square().sum(1, keepdim=True) > OBJECT_DISTANCE**2
+    far = object_mask(frames, background(video))
     cover = F.avg_pool3d(far.float(), (1, 8, 8))  # [B, 1, F, h, w]: share of each cell that is object
     target = F.one_hot(shapes.long(), 3).to(mu) * 2 - 1  # [B, 3]
     err = (mu[:, SHAPE_CHANNELS] - target[:, :, None, None, None]).square().sum(1, keepdim=True)
