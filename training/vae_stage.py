@@ -458,7 +458,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             first %= cfg.data_size
         items = [data.sample(first + k) for k in range(batch)]
         video = torch.stack([v for v, _ in items]).to(dev)
-        shapes = torch.tensor([SHAPE_NAMES.index(parse_prompt(p).shape) for _, p in items], device=dev)
+        shapes = None  # each clip's shape, read from its prompt only for the shape code
+        if cfg.shape_weight > 0:
+            shapes = torch.tensor([SHAPE_NAMES.index(parse_prompt(p).shape) for _, p in items], device=dev)
         # never in a decoder fine-tune; with --temporal-only at step 0 (its --init was trained on frames)
         if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only):
             inflate_temporal(raw)
