@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, load_bundle
+from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, file_metadata, load_bundle
 from .resume import RenderJob
 
 SIZE_META = "causvid_size"  # [width, height] a model was trained at (proposed for bundle.settings_metadata)
@@ -189,10 +189,7 @@ def _natural_size(bundle) -> tuple[int, int]:
     elif Path(name).is_file() and name.endswith(".safetensors"):
         path = Path(name)
     if path is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            size = (f.metadata() or {}).get(SIZE_META)
+        size = file_metadata(path).get(SIZE_META)
         if size:
             width, height = json.loads(size)
             return int(width), int(height)

@@ -516,13 +516,9 @@ def to_wan_keys(sd: dict[str, Tensor], num_res_blocks: int = 2) -> dict[str, Ten
 def latent_stats_of(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """(mean, std) per latent channel stored in a safetensors' ``causvid_latents`` metadata (our trained
     VAEs carry them), or None."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import safe_open
+    from .bundle import file_metadata  # lazily: the bundle imports the DiT, which a VAE alone does not need
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = file_metadata(Path(path))  # {} for other formats and missing files
     if "causvid_latents" not in meta:
         return None
     data = json.loads(meta["causvid_latents"])
