@@ -180,6 +180,9 @@ class VAETrainConfig(RunConfig):
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
+    # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise
+    # per channel (a DiT's latents lie off the encoder's; a decoder fitted to the encoder's alone breaks them up)
+    latent_noise: float = 0.0
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 

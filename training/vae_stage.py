@@ -232,16 +232,19 @@ def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
 
 def vae_loss(
     vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
-    shapes: Tensor | None = None,
+    shapes: Tensor | None = None, latent_noise: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step);
-    ``shapes`` [B] the index of each clip's shape (``SHAPE_NAMES``), needed by ``--shape-weight``.
+    ``shapes`` [B] the index of each clip's shape (``SHAPE_NAMES``), needed by ``--shape-weight``;
+    ``latent_noise`` (shaped as the latents) is added to what the decoder reconstructs from (``--latent-noise``).
 
     ``guide`` > 0 adds the pooled-colour guide (see ``guide_weight``): the encoder's means regress onto
     a fixed 8x8-pooled, 16-channel lift of the frames, and the decoder also reconstructs from that lift.
     """
     mu, logvar = posterior(vae, video)
     z = mu + torch.exp(0.5 * logvar) * eps
+    if latent_noise is not None:
+        z = z + latent_noise
     recon = reconstruct(vae, z)
     weight = pixel_weights(video, cfg.object_weight)
 
@@ -418,6 +421,12 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             raise ConfigError(
                 f"{init_path} has no latent statistics: fine-tune the decoder of a finished vae run"
             )
+    if cfg.latent_noise < 0 or (cfg.latent_noise > 0 and not cfg.decoder_only):
+        raise ConfigError(f"--latent-noise {cfg.latent_noise}: a decoder fine-tune's noise in units of its init's "
+                          "latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
+    noise_std = None  # [1, C, 1, 1, 1]: --latent-noise in raw latent units
+    if cfg.latent_noise > 0:
+        noise_std = cfg.latent_noise * torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
     # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
     # never uses the guide (guide_weight)
     image_steps = 0 if cfg.decoder_only else cfg.image_steps
@@ -466,9 +475,11 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
+        eps = randn(lat, gen, dev)
+        extra = None if noise_std is None else noise_std * randn(lat, gen, dev)
         with dist.autocast(ctx, cfg.amp):
             loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
-                                   video, randn(lat, gen, dev), cfg, guide_weight(step, cfg), shapes)  # fmt: skip
+                                   video, eps, cfg, guide_weight(step, cfg), shapes, extra)  # fmt: skip
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift

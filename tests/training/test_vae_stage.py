@@ -374,3 +374,32 @@ def test_object_colour_loss_measures_the_hue_of_the_object_not_the_background() 
     shift = torch.tensor([-0.5, 0.3, 0.0])[None, :, None, None, None]  # toward blue-cyan
     recoloured = torch.where(obj, video + shift, video)
     assert object_colour_loss(recoloured, video).item() == pytest.approx(0.25 + 0.09, rel=1e-4)
+
+
+def test_latent_noise_is_in_units_of_the_stored_latent_stds_and_needs_a_decoder_fine_tune(tmp_path,
+                                                                                         monkeypatch) -> None:
+    """``--latent-noise S``: the decoder of a fine-tune reconstructs from its latents plus S times the init's
+    per-channel latent std of Gaussian noise (a DiT's latents are that far off the encoder's)."""
+    from training import vae_stage
+
+    with pytest.raises(ConfigError, match="--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {"latent_noise": "0.5", "steps": "1"}))
+    base = {"runs_dir": str(tmp_path), "save_every": "20", "stats_samples": "8", "clip_frames": "5",
+            "lr_warmup": "2"}  # fmt: skip
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "20", "lr": "3e-3"}))
+    std = torch.tensor(latent_stats_of(tmp_path / "shapes" / "vae" / "final.safetensors")[1])
+    seen = []
+    real = vae_stage.vae_loss
+
+    def spy(*args, **kw):
+        seen.append(args[6] if len(args) > 6 else kw.get("latent_noise"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vae_stage, "vae_loss", spy)
+    cfg = make_config("vae", "tiny", {**base, "steps": "3", "decoder_only": "true", "latent_noise": "0.5",
+                                      "batch_size": "8"})  # fmt: skip
+    distill.run("vae", cfg)
+    noise = torch.cat([n.transpose(0, 1).reshape(len(std), -1) for n in seen], 1)  # [C, samples]
+    assert (std.max() / std.min()) > 1.5  # channels differ, so the per-channel scaling is what is checked
+    assert len(seen) == 3 and torch.allclose(noise.std(1), 0.5 * std, rtol=0.15)
+    assert not torch.equal(seen[0], seen[1])  # fresh noise every step
