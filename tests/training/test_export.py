@@ -32,7 +32,7 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     images = run / "vae-images"
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "out_dir": str(images)}))
     init = str(images / "final.safetensors")
-    shape = run / "vae-shape"  # since version 6 the runs between are listed too
+    shape = run / "vae-shape"  # the shape-code recipe (docs/training.md): the runs between are listed too
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init, "out_dir": str(shape)}))
     init = str(shape / "final.safetensors")
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init}))
