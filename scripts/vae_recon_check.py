@@ -26,7 +26,8 @@ def main() -> None:
     args = p.parse_args()
     vae = load_wan_vae(args.vae).eval()
     gt_scores, rec_scores, psnrs = [], [], []
-    for i, prompt in enumerate(prompt_set(args.videos, seed=1)):
+    prompts = prompt_set(args.videos, seed=1)
+    for i, prompt in enumerate(prompts):
         video = render_video(prompt, seed=1000 + i, num_frames=args.frames)
         x = to_model_range(video)[None]  # [1, 3, F, H, W]
         if args.images:  # each frame its own one-frame video: [F, 3, 1, H, W]
@@ -44,7 +45,7 @@ def main() -> None:
     print(f"PSNR {np.mean(psnrs):.2f} dB over {args.videos} videos of {args.frames} frames")
     # where shape accuracy is lost: the fill-ratio rule fails one shape at a time (square corners rounded off)
     by_shape: dict[str, list[float]] = {}
-    for prompt, s in zip(prompt_set(args.videos, seed=1), rec_scores, strict=True):
+    for prompt, s in zip(prompts, rec_scores, strict=True):
         by_shape.setdefault(parse_prompt(prompt).shape, []).append(s["shape_accuracy"])
     print("reconstructed shape accuracy by the prompt's shape: "
           + ", ".join(f"{k} {np.mean(v):.1f} ({len(v)})" for k, v in sorted(by_shape.items())))  # fmt: skip
