@@ -178,6 +178,7 @@ class VAETrainConfig(RunConfig):
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
+    motion_weight: float = 0.0  # latent channels 6-7 of the object's cells (4-frame groups) regress onto its direction
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise

@@ -325,6 +325,39 @@ def test_shape_weight_trains_the_shape_into_the_latent(tmp_path) -> None:
     assert np.mean([r["shape_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["shape_code"] for r in rows[:5]])
 
 
+def test_motion_code_loss_asks_the_groups_for_the_direction_and_leaves_the_first_frame_free() -> None:
+    """``--motion-weight``: channels 6-7 of the object's cells in every latent frame after the first must
+    hold the direction (x, y); the first latent frame (one frame, no motion) and background cells are free."""
+    from training.vae_stage import motion_code_loss
+
+    video = to_model_range(render_video("a red square moving right", seed=2, num_frames=9, size=64))[None]
+    mu = torch.zeros(1, 16, 3, 8, 8)
+    mu[:, 6:8, 1:] = torch.tensor([1.0, 0.0])[None, :, None, None, None]
+    right, left = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    assert motion_code_loss(mu, video, right).item() == pytest.approx(0.0, abs=1e-6)
+    free = mu.clone()
+    free[:, 6:8, 0] = 7.0  # the first latent frame
+    bg = video[:, :, :1, :1, :1]
+    moving = (video[:, :, 1:] - bg).abs().sum(1, keepdim=True) > 0.3
+    empty = torch.nn.functional.max_pool3d(moving.float(), (4, 8, 8)) == 0  # [1, 1, 2, 8, 8]
+    free[:, 6:8, 1:] += 5.0 * empty
+    assert motion_code_loss(free, video, right).item() == pytest.approx(0.0, abs=1e-6)
+    # coded as moving right but moving left: every object cell pays (2^2 + 0^2) = 4
+    assert motion_code_loss(mu, video, left).item() == pytest.approx(4.0, rel=1e-5)
+    # stills have no group to code: no loss, whatever the latent holds
+    assert motion_code_loss(free[:, :, :1], video[:, :, :1], left).item() == 0.0
+
+
+def test_motion_weight_trains_the_direction_into_the_latent(tmp_path) -> None:
+    """``vae --motion-weight W``: the stage hands every clip's direction to the loss, and the code error
+    falls as the encoder learns to see the motion."""
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "30", "save_every": "30",
+                                      "lr": "3e-3", "stats_samples": "4", "clip_frames": "5",
+                                      "lr_warmup": "2", "motion_weight": "1"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    assert np.mean([r["motion_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["motion_code"] for r in rows[:5]])
+
+
 def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -> None:
     """``vae --temporal-only true --init V``: the clip phase trains only the past time taps and the temporal
     resampling, so every still (and the first frame of every clip) decodes exactly as V decoded it."""
@@ -357,6 +390,8 @@ def test_temporal_only_and_the_shape_code_say_what_they_need() -> None:
     # the pooled guide pulls every latent channel, the shape code's three among them
     with pytest.raises(ConfigError, match="--guide colour"):
         distill.run("vae", make_config("vae", "tiny", {"shape_weight": "1", "guide_steps": "5", "steps": "1"}))
+    with pytest.raises(ConfigError, match="channels 6-7"):
+        distill.run("vae", make_config("vae", "tiny", {"motion_weight": "1", "guide_steps": "5", "steps": "1"}))
 
 
 def test_object_colour_loss_measures_the_hue_of_the_object_not_the_background() -> None:
