@@ -169,10 +169,11 @@ def motion_code_loss(mu: Tensor, video: Tensor, directions: Tensor) -> Tensor:
 
     Why: a latent frame after the first encodes four frames, but the direction of motion was not even
     linearly readable from one (a ridge probe on the cells around the object: 16-34% held out, chance 25),
-    so the decoder drew those four frames as the smear of where the object could be: circles, squares and
-    triangles alike as blobs (fill ratio 0.84-0.85 for squares, 0.69-0.73 for triangles), whichever frame
-    of the group. With the direction in the latent it can draw each of them at its own place; the first
-    latent frame (a single frame: no motion to see) is left free.
+    and the decoder drew those four frames as blobs (fill ratio 0.84-0.85 for squares, 0.69-0.73 for
+    triangles), whichever frame of the group. The code puts the direction where the decoder, and the DiT
+    that writes the latents from the prompt, can read it; learnt (right in every group), it did not by
+    itself sharpen the groups (docs/reproduction.md, The VAE). The first latent frame (a single frame:
+    no motion to see) is left free.
     """
     frames = video.shape[2]
     if frames < 5 or (frames - 1) % 4:
