@@ -506,13 +506,14 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             first %= cfg.data_size
         items = [data.sample(first + k) for k in range(batch)]
         video = torch.stack([v for v, _ in items]).to(dev)
-        shapes = None  # each clip's shape, read from its prompt only for the shape code
+        # each clip's shape and direction, read from its prompt only for the shape and motion codes
+        parsed = [parse_prompt(p) for _, p in items] if cfg.shape_weight > 0 or cfg.motion_weight > 0 else []
+        shapes = directions = None
         if cfg.shape_weight > 0:
-            shapes = torch.tensor([SHAPE_NAMES.index(parse_prompt(p).shape) for _, p in items], device=dev)
-        directions = None  # each clip's direction of motion, likewise only for the motion code
+            shapes = torch.tensor([SHAPE_NAMES.index(q.shape) for q in parsed], device=dev)
         if cfg.motion_weight > 0:
-            directions = torch.tensor([DIRECTION_VECTORS[parse_prompt(p).direction] for _, p in items],
-                                      device=dev, dtype=torch.float32)  # fmt: skip
+            directions = torch.tensor([DIRECTION_VECTORS[q.direction] for q in parsed], device=dev,
+                                      dtype=torch.float32)  # fmt: skip
         # never in a decoder fine-tune; with --temporal-only at step 0 (its --init was trained on frames)
         if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only):
             inflate_temporal(raw)
