@@ -27,8 +27,9 @@ from .state import save_weights
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
 # the card's stage folders in recipe order; vae-images / vae-colour / vae-clips / vae-shape and teacher-base
 # are the earlier runs of a stage trained in several (docs/training.md), each continued with --init by the next
-STAGES = ("vae-images", "vae-colour", "vae-clips", "vae-shape", "vae", "vae-decoder", "latents", "teacher-base",
-          "teacher", "ode-pairs", "ode-init", "dmd")
+# stages a run folder lacks are left out of the card (older recipes had no vae-code or vae-clips2)
+STAGES = ("vae-images", "vae-colour", "vae-clips", "vae-shape", "vae-code", "vae-clips2", "vae", "vae-decoder",
+          "latents", "teacher-base", "teacher", "ode-pairs", "ode-init", "dmd")
 # a student distilled from the causal teacher (fine-tuned from the bidirectional one, since version 5 in two
 # runs: teacher-causal-base, continued into teacher-causal) comes from this chain
 CAUSAL_CHAIN = ("teacher-causal-base", "teacher-causal", "ode-pairs-causal-teacher", "ode-init-causal-teacher", "dmd-causal-teacher")

@@ -32,9 +32,11 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     images = run / "vae-images"
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "out_dir": str(images)}))
     init = str(images / "final.safetensors")
-    shape = run / "vae-shape"  # the shape-code recipe (docs/training.md): the runs between are listed too
-    distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init, "out_dir": str(shape)}))
-    init = str(shape / "final.safetensors")
+    # the code recipe (docs/training.md): the runs between are listed too, in recipe order
+    for name in ("vae-shape", "vae-code", "vae-clips2"):
+        cfg = {**common, "stats_samples": "2", "init": init, "out_dir": str(run / name)}
+        distill.run("vae", make_config("vae", "tiny", cfg))
+        init = str(run / name / "final.safetensors")
     distill.run("vae", make_config("vae", "tiny", {**common, "stats_samples": "2", "init": init}))
     # the teacher in two runs as the recipe trains it: teacher-base, then continued from its weights
     base = run / "teacher-base"
@@ -50,7 +52,8 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     with safe_open(str(out / "dit.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     card = (out / "MODEL_CARD.md").read_text()
-    assert card.index("| vae-images | 2 |") < card.index("| vae-shape | 2 |") < card.index("| vae | 2 |")
+    order = [card.index(f"| {name} | 2 |") for name in ("vae-images", "vae-shape", "vae-code", "vae-clips2", "vae")]
+    assert order == sorted(order)
     assert "| teacher | 2 |" in card
     assert card.index("| teacher-base | 2 |") < card.index("| teacher | 2 |")
     assert "python -m training.distill vae" in card
