@@ -179,6 +179,7 @@ class VAETrainConfig(RunConfig):
     object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
     motion_weight: float = 0.0  # latent channels 6-7 of the object's cells (4-frame groups) regress onto its direction
+    colour_code_weight: float = 0.0  # latent channels 8-10 of the object's cells regress onto its colour (RGB)
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise

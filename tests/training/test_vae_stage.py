@@ -358,6 +358,34 @@ def test_motion_weight_trains_the_direction_into_the_latent(tmp_path) -> None:
     assert np.mean([r["motion_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["motion_code"] for r in rows[:5]])
 
 
+def test_colour_code_loss_asks_every_object_cell_for_the_colour_and_leaves_the_background_free() -> None:
+    """``--colour-code-weight``: channels 8-10 of the object's cells in every latent frame must hold the
+    object's colour (R, G, B in -1..1); background cells are free, and a wrong colour costs its distance."""
+    from training.vae_stage import colour_code_loss
+
+    video = to_model_range(render_video("a red square moving right", seed=3, num_frames=5, size=32))[None]
+    red = torch.tensor([[230.0, 40.0, 40.0]]) / 127.5 - 1
+    mu = torch.randn(1, 16, 2, 4, 4)
+    mu[:, 8:11] = red[:, :, None, None, None]
+    assert colour_code_loss(mu, video, red).item() == pytest.approx(0.0, abs=1e-6)
+    free = mu.clone()
+    free[:, 8:11] += 5.0 * (shape_cover(video) == 0)
+    assert colour_code_loss(free, video, red).item() == pytest.approx(0.0, abs=1e-6)
+    # coded red but the clip is said to be green (40, 200, 60): each object cell pays the squared distance
+    green = torch.tensor([[40.0, 200.0, 60.0]]) / 127.5 - 1
+    assert colour_code_loss(mu, video, green).item() == pytest.approx(float((red - green).square().sum()), rel=1e-5)
+
+
+def test_colour_code_weight_trains_the_colour_into_the_latent(tmp_path) -> None:
+    """``vae --colour-code-weight W``: the stage hands every clip's colour to the loss, and the code error
+    falls as the encoder learns to carry it."""
+    cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "30", "save_every": "30",
+                                      "lr": "3e-3", "stats_samples": "4", "clip_frames": "5",
+                                      "lr_warmup": "2", "colour_code_weight": "1"})  # fmt: skip
+    rows = distill.run("vae", cfg)["rows"]
+    assert np.mean([r["colour_code"] for r in rows[-5:]]) < 0.5 * np.mean([r["colour_code"] for r in rows[:5]])
+
+
 def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -> None:
     """``vae --temporal-only true --init V``: the clip phase trains only the past time taps and the temporal
     resampling, so every still (and the first frame of every clip) decodes exactly as V decoded it."""
@@ -392,6 +420,8 @@ def test_temporal_only_and_the_shape_code_say_what_they_need() -> None:
         distill.run("vae", make_config("vae", "tiny", {"shape_weight": "1", "guide_steps": "5", "steps": "1"}))
     with pytest.raises(ConfigError, match="channels 6-7"):
         distill.run("vae", make_config("vae", "tiny", {"motion_weight": "1", "guide_steps": "5", "steps": "1"}))
+    with pytest.raises(ConfigError, match="channels 8-10"):
+        distill.run("vae", make_config("vae", "tiny", {"colour_code_weight": "1", "guide_steps": "5", "steps": "1"}))
 
 
 def test_object_colour_loss_measures_the_hue_of_the_object_not_the_background() -> None:
