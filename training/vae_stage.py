@@ -137,6 +137,12 @@ def object_colour_loss(recon: Tensor, video: Tensor) -> Tensor:
     return (err * there).sum() / there.sum().clamp_min(1.0)
 
 
+def object_cover(video: Tensor) -> Tensor:
+    """[B, 1, F, h, w]: the share of each 8x8 latent cell that is object, in the frames the latent frames
+    start on (every 4th), as the shape and colour codes weight their cells."""
+    return F.avg_pool3d(object_mask(video[:, :, ::4], background(video)).float(), (1, 8, 8))
+
+
 SHAPE_CHANNELS = slice(3, 6)  # after the colour guide's 0-2: one channel per shape, +1 for it, -1 otherwise
 
 
@@ -151,9 +157,7 @@ def shape_code_loss(mu: Tensor, video: Tensor, shapes: Tensor) -> Tensor:
     few pixels for L1/MSE to pay for carrying them. This puts the shape into the latent explicitly, so
     the decoder (and the DiT that writes those latents from the prompt) has it to draw.
     """
-    frames = video[:, :, ::4]
-    far = object_mask(frames, background(video))
-    cover = F.avg_pool3d(far.float(), (1, 8, 8))  # [B, 1, F, h, w]: share of each cell that is object
+    cover = object_cover(video)
     target = F.one_hot(shapes.long(), 3).to(mu) * 2 - 1  # [B, 3]
     err = (mu[:, SHAPE_CHANNELS] - target[:, :, None, None, None]).square().sum(1, keepdim=True)
     return (err * cover).sum() / cover.sum().clamp_min(1e-6)
@@ -200,8 +204,7 @@ def colour_code_loss(mu: Tensor, video: Tensor, colours: Tensor) -> Tensor:
     61% of the time (shipped 99.7%). Their DiT teachers drew colour worse the less of it the latent held
     (colour accuracy 97 / 85 / 62). The code puts the colour where the DiT can write it from the prompt.
     """
-    frames = video[:, :, ::4]
-    cover = F.avg_pool3d(object_mask(frames, background(video)).float(), (1, 8, 8))  # [B, 1, F, h, w]
+    cover = object_cover(video)
     err = (mu[:, COLOUR_CHANNELS] - colours.to(mu)[:, :, None, None, None]).square().sum(1, keepdim=True)
     return (err * cover).sum() / cover.sum().clamp_min(1e-6)
 
@@ -537,7 +540,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             first %= cfg.data_size
         items = [data.sample(first + k) for k in range(batch)]
         video = torch.stack([v for v, _ in items]).to(dev)
-        # each clip's shape and direction, read from its prompt only for the shape and motion codes
+        # each clip's shape, direction and colour, read from its prompt only for the latent codes
         coded = cfg.shape_weight > 0 or cfg.motion_weight > 0 or cfg.colour_code_weight > 0
         parsed = [parse_prompt(p) for _, p in items] if coded else []
         shapes = directions = colours = None
