@@ -6,5 +6,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$here/scripts/setup_env.sh" | tail -n 1)"
 cd "$here"
 export CAUSVID_REQUIRE_HOST=1 PYTHONUNBUFFERED=1
-"$venv/bin/python" -m ruff check causvid_core nodes training bench tests
+"$venv/bin/python" -m ruff check causvid_core nodes training bench tests scripts
 "$venv/bin/python" -m pytest "$@"

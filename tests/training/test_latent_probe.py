@@ -1,0 +1,55 @@
+"""scripts/latent_probe.py: the figures docs/reproduction.md gives for what a VAE's latent holds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from causvid_core.bundle import embedded_file
+from causvid_core.vae import load_wan_vae
+
+_spec = importlib.util.spec_from_file_location(
+    "latent_probe", Path(__file__).resolve().parents[2] / "scripts" / "latent_probe.py"
+)
+lp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lp)
+
+
+def test_variance_split_adds_up_to_the_total_and_finds_the_label() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (3000,), generator=g)
+    x = torch.randn(3000, 4, generator=g)
+    x[:, 0] += labels.float() * 2  # the label moves channel 0 by 0, 2 or 4
+    between, within = lp.variance_split(x, labels)
+    assert between + within == pytest.approx(float(x.var(0, unbiased=False).sum()), rel=1e-4)
+    assert between == pytest.approx(8 / 3, rel=0.1)  # the variance of {0, 2, 4}
+    assert within == pytest.approx(4.0, rel=0.1)
+
+
+def test_probe_names_a_linear_label_and_not_a_random_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (900,), generator=g)
+    x = torch.randn(900, 6, generator=g)
+    x[:, 1] += 3 * (labels == 1).float()
+    x[:, 2] += 3 * (labels == 2).float()
+    train = torch.arange(900) % 2 == 0
+    assert lp.probe_accuracy(x, labels, train) > 0.85
+    noise = torch.randint(0, 3, (900,), generator=g)
+    assert lp.probe_accuracy(x, noise, train) < 0.45  # chance is 1/3
+
+
+def test_the_shipped_vae_keeps_the_colour_where_the_object_is() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster beside another busy process
+    try:
+        vae = load_wan_vae(embedded_file("shapes", "vae")).eval()
+        out = lp.probe(vae, clips=24, frames=9)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["cells"] > 24  # every clip has object cells after its first latent frame
+    assert out["colour"]["probe"] >= 80 and out["colour"]["between"] > 5 * out["shape"]["between"]
+    for name in lp.ATTRIBUTES:
+        assert out[name]["between"] + out[name]["within"] == pytest.approx(out["total_variance"], rel=1e-4)
