@@ -91,8 +91,9 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
     """MODEL_CARD.md text for a run folder."""
     lines = [
         "# embedded:shapes", "",
-        "A small CausVid model for the Shapes domain (../SHAPES.md in the project notes; README), trained "
-        "from scratch on a CPU by this package's own `training/` recipe. It is what a fresh install renders "
+        "A small CausVid model for the Shapes domain (SHAPES.md in the project notes, `shared/` beside the "
+        "checkout; README), trained from scratch on a CPU by this package's own `training/` recipe. It is "
+        "what a fresh install renders "
         "with, what the CPU tests run and where the paper's claims are checked in miniature "
         "(docs/reproduction.md).", "",
         "## Files", "",
