@@ -2,14 +2,16 @@
 prompt's attributes (colour, shape, direction, background), how much of the object cells' variance lies
 between its values, and how often a linear probe names it from one object cell on held-out clips.
 
-    python scripts/latent_probe.py runs/shapes/vae/final.safetensors [--clips 96] [--frames 17]
+    python scripts/latent_probe.py runs/shapes/vae/final.safetensors [--clips 96] [--frames 17] [--codes]
 
 The latents are the normalised ones the DiT is trained on (unit scale per channel). A cell is an object
 cell when the object covers at least half of it in the frame its latent frame starts on. Latent frame 0
 encodes one frame (no motion in it); ``--first``/``--last`` pick the latent frames (default: 1 to the end).
 Measured with it (docs/reproduction.md, The VAE): the shipped VAE keeps the colour in most of the object
 cells' variance (probe ~100%), the code VAE of session 12 in a tangled sliver (probe ~60%), which its DiT
-teachers did not learn to write.
+teachers did not learn to write. ``--codes`` also reads the codes a VAE was trained to write
+(``--shape-weight``, ``--motion-weight``, ``--colour-code-weight``, docs/training.md) off its raw latent,
+averaged over the object's cells, and prints how often each names the clip's value, by latent frame.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 
 from causvid_core.text import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_NAMES
 from causvid_core.vae import load_wan_vae
-from training.shapes import parse_prompt, prompt_set, render_video, to_model_range
-from training.vae_stage import object_cover
+from training.shapes import DIRECTION_VECTORS, parse_prompt, prompt_set, render_video, to_model_range
+from training.vae_stage import COLOUR_CHANNELS, MOTION_CHANNELS, SHAPE_CHANNELS, object_cover, posterior
 
 ATTRIBUTES = {name: list(values) for name, values in
               (("colour", COLOURS), ("shape", SHAPE_NAMES), ("direction", DIRECTIONS), ("background", BACKGROUNDS))}
@@ -102,6 +104,38 @@ def probe(vae, clips: int = 96, frames: int = 17, first: int = 1, last: int | No
     return out
 
 
+def read_codes(mu: torch.Tensor, cover: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Raw latents [B, C, f, h, w] and object cover [B, 1, f, h, w] -> per clip and latent frame [B, f] the
+    shape (argmax of channels 3-5), direction (nearest unit vector to channels 6-7) and colour (nearest
+    palette colour to channels 8-10, as R, G, B in -1..1) their cover-weighted means name."""
+    w = cover / cover.sum((3, 4), keepdim=True).clamp_min(1e-6)
+    mean = (mu * w).sum((3, 4))  # [B, C, f]
+    dirs = torch.tensor([DIRECTION_VECTORS[d] for d in DIRECTIONS], dtype=mu.dtype)  # [4, 2]
+    palette = torch.tensor(list(COLOURS.values()), dtype=mu.dtype) / 127.5 - 1  # [6, 3]
+
+    def nearest(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:  # x [B, k, f] -> [B, f]
+        return (x.permute(0, 2, 1)[:, :, None] - table).square().sum(-1).argmin(-1)
+
+    return {"shape": mean[:, SHAPE_CHANNELS].argmax(1), "direction": nearest(mean[:, MOTION_CHANNELS], dirs),
+            "colour": nearest(mean[:, COLOUR_CHANNELS], palette)}  # fmt: skip
+
+
+def code_accuracy(vae, clips: int = 48, frames: int = 33, seed: int = 2000) -> dict[str, list[float]]:
+    """Per code, the share of clips (0-100) whose code names the right value, by latent frame."""
+    prompts = prompt_set(clips, seed=3)
+    hits: dict[str, list[torch.Tensor]] = {"shape": [], "direction": [], "colour": []}
+    for i, prompt in enumerate(prompts):
+        x = to_model_range(render_video(prompt, seed=seed + i, num_frames=frames))[None]
+        with torch.no_grad():
+            read = read_codes(posterior(vae, x)[0], object_cover(x))
+        q = parse_prompt(prompt)
+        truth = {"shape": SHAPE_NAMES.index(q.shape), "direction": DIRECTIONS.index(q.direction),
+                 "colour": list(COLOURS).index(q.colour)}  # fmt: skip
+        for name in hits:
+            hits[name].append(read[name][0] == truth[name])
+    return {name: [round(100 * float(v), 1) for v in torch.stack(h).float().mean(0)] for name, h in hits.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("vae")
@@ -109,15 +143,21 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--first", type=int, default=1, help="first latent frame used (0 encodes one frame)")
     p.add_argument("--last", type=int, default=None, help="one past the last latent frame used")
+    p.add_argument("--codes", action="store_true", help="also read the shape/motion/colour codes off the latent")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     torch.manual_seed(0)
-    out = probe(load_wan_vae(args.vae).eval(), args.clips, args.frames, args.first, args.last)
+    vae = load_wan_vae(args.vae).eval()
+    out = probe(vae, args.clips, args.frames, args.first, args.last)
     print(f"{out['cells']} object cells from {out['clips']} clips; total variance {out['total_variance']:.2f}")
     for name in ATTRIBUTES:
         r = out[name]
         print(f"{name:10s} between {r['between']:6.2f}  within {r['within']:6.2f}  "
               f"probe {r['probe']:5.1f}% (chance {r['chance']:.0f}%)")  # fmt: skip
+    if args.codes:
+        out["codes"] = code_accuracy(vae, args.clips, args.frames)
+        for name, acc in out["codes"].items():  # the first latent frame holds one frame: no motion in it
+            print(f"{name} code right (% of clips) by latent frame: " + " ".join(f"{a:.0f}" for a in acc))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -2,6 +2,10 @@
 encode + decode round trip, against the same figures of the videos themselves.
 
     python scripts/vae_recon_check.py runs/shapes/vae/final.safetensors [--videos 16] [--frames 33] [--images]
+
+Besides the figures it prints PSNR by latent frame (frame 0, then each group of 4 frames a latent frame
+decodes to): a VAE that leans on more past than its training clips showed drifts along a long clip, and
+it shows there first (docs/reproduction.md, The VAE).
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from training.metrics import score_video
 from training.shapes import parse_prompt, prompt_set, render_video, to_model_range
 
 
+def psnr_by_latent_frame(sq_err: np.ndarray) -> list[float]:
+    """[videos, frames] mean squared errors (0-255 scale) -> PSNR of frame 0, then of each group of 4
+    frames that one latent frame decodes to (the last group may be shorter)."""
+    groups = [slice(0, 1)] + [slice(i, i + 4) for i in range(1, sq_err.shape[1], 4)]
+    return [float(10 * np.log10(255**2 / max(float(sq_err[:, g].mean()), 1e-12))) for g in groups]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("vae")
@@ -25,7 +36,7 @@ def main() -> None:
     p.add_argument("--images", action="store_true", help="round-trip every frame alone (the image phase)")
     args = p.parse_args()
     vae = load_wan_vae(args.vae).eval()
-    gt_scores, rec_scores, psnrs = [], [], []
+    gt_scores, rec_scores, psnrs, sq_err = [], [], [], []
     prompts = prompt_set(args.videos, seed=1)
     for i, prompt in enumerate(prompts):
         video = render_video(prompt, seed=1000 + i, num_frames=args.frames)
@@ -39,10 +50,13 @@ def main() -> None:
         gt_scores.append(score_video(video, prompt))
         rec_scores.append(score_video(rec_u8, prompt))
         psnrs.append(psnr(video, rec_u8))
+        sq_err.append(((video.astype(np.float64) - rec_u8) ** 2).mean(axis=(1, 2, 3)))  # per frame
     for name, scores in (("ground truth", gt_scores), ("reconstructed", rec_scores)):
         mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         print(f"{name:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in mean.items()))
     print(f"PSNR {np.mean(psnrs):.2f} dB over {args.videos} videos of {args.frames} frames")
+    if not args.images:
+        print("PSNR by latent frame (dB): " + " ".join(f"{v:.1f}" for v in psnr_by_latent_frame(np.stack(sq_err))))
     # where shape accuracy is lost: the fill-ratio rule fails one shape at a time (square corners rounded off)
     by_shape: dict[str, list[float]] = {}
     for prompt, s in zip(prompts, rec_scores, strict=True):

@@ -53,3 +53,20 @@ def test_the_shipped_vae_keeps_the_colour_where_the_object_is() -> None:
     assert out["colour"]["probe"] >= 80 and out["colour"]["between"] > 5 * out["shape"]["between"]
     for name in lp.ATTRIBUTES:
         assert out[name]["between"] + out[name]["within"] == pytest.approx(out["total_variance"], rel=1e-4)
+
+
+def test_read_codes_names_what_the_object_cells_say_and_ignores_the_rest() -> None:
+    from causvid_core.text import COLOURS, DIRECTIONS, SHAPE_NAMES
+
+    mu = torch.zeros(1, 16, 2, 8, 8)
+    cover = torch.zeros(1, 1, 2, 8, 8)
+    cover[..., 2:4, 5:7] = 1.0  # the object's cells
+    mu[:, 3:6] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None, None]  # triangle...
+    mu[:, 6:8] = torch.tensor([0.0, -1.0])[:, None, None, None]  # ...moving up...
+    rgb = torch.tensor(COLOURS["magenta"], dtype=torch.float32) / 127.5 - 1
+    mu[:, 8:11] = rgb[:, None, None, None]  # ...in magenta
+    mu[:, 3:11, :, 0, 0] = 50.0  # a loud cell the object does not cover changes nothing
+    read = lp.read_codes(mu, cover)
+    assert read["shape"].tolist() == [[SHAPE_NAMES.index("triangle")] * 2]
+    assert read["direction"].tolist() == [[DIRECTIONS.index("up")] * 2]
+    assert read["colour"].tolist() == [[list(COLOURS).index("magenta")] * 2]
