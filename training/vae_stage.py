@@ -459,12 +459,44 @@ def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
     save_weights(load_file(str(path)), path, meta)
 
 
+CLIP_STEPS_META = "causvid_vae_clip_steps"  # clip steps behind a VAE file, its --init chain included
+
+
+def _clip_steps(cfg: dict[str, Any], step: int, depth: int = 0) -> int | None:
+    """Clip steps behind a run's weights at ``step`` (its config as saved), its init's included; None when
+    the init's history cannot be read."""
+    own = step if cfg.get("decoder_only") else max(0, step - int(cfg.get("image_steps", 0)))
+    init = cfg.get("init")
+    if not init:
+        return own
+    prior = clip_steps_of(Path(init), depth + 1)
+    return None if prior is None else prior + own
+
+
+def clip_steps_of(path: Path, depth: int = 0) -> int | None:
+    """How many clip steps trained the VAE in ``path``: its stored count, or (files from before the count
+    was stored) what its saved config and its init's tell; None when unknown (not our file, or an init
+    that is gone)."""
+    if depth > 32 or not path.is_file():
+        return None
+    meta = file_metadata(path)
+    if CLIP_STEPS_META in meta:
+        return int(meta[CLIP_STEPS_META])
+    if "causvid_training" not in meta or "causvid_step" not in meta:
+        return None
+    return _clip_steps(json.loads(meta["causvid_training"]), int(meta["causvid_step"]), depth)
+
+
 def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict[str, Any]:
     from dataclasses import asdict
 
     arch = {k: v for k, v in asdict(vae.config).items() if k not in ("latents_mean", "latents_std")}
-    return {"causvid_vae_config": arch, "causvid_stage": stage, "causvid_step": step,
+    meta = {"causvid_vae_config": arch, "causvid_stage": stage, "causvid_step": step,
             "causvid_training": training_json}  # fmt: skip
+    clip_steps = _clip_steps(json.loads(training_json), step)
+    if clip_steps is not None:
+        meta[CLIP_STEPS_META] = clip_steps
+    return meta
 
 
 def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
@@ -475,10 +507,12 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     raw = WanVAE(cfg.arch).to(dev).train()
     init_posterior(raw)
     init_stats = None
+    frames_only_init = False  # an --init that never saw a clip: its temporal layers are at their random init
     if cfg.decoder_only or cfg.init:
         init_path = Path(cfg.init) if cfg.init else run_vae_path(cfg)
         init_stats = load_init(raw, init_path)
-        _say(ctx, f"VAE weights from {init_path}")
+        frames_only_init = clip_steps_of(init_path) == 0
+        _say(ctx, f"VAE weights from {init_path}" + (" (trained on frames only)" if frames_only_init else ""))
     if cfg.decoder_only:  # the encoder (and so every latent and its statistics) stays as it is
         for p in (*raw.encoder.parameters(), *raw.conv1.parameters()):
             p.requires_grad_(False)
@@ -551,8 +585,10 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
                                       dtype=torch.float32)  # fmt: skip
         if cfg.colour_code_weight > 0:  # the palette colour in the video's -1..1 range
             colours = torch.tensor([q.colour_rgb for q in parsed], device=dev, dtype=torch.float32) / 127.5 - 1
-        # never in a decoder fine-tune; with --temporal-only at step 0 (its --init was trained on frames)
-        if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only):
+        # never in a decoder fine-tune; at step 0 when the --init was trained on frames only (--temporal-only
+        # requires that; a clip run chained onto frame runs otherwise starts from random temporal layers)
+        if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only or (
+                frames_only_init and not cfg.decoder_only)):
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -468,3 +470,34 @@ def test_latent_noise_is_in_units_of_the_stored_latent_stds_and_needs_a_decoder_
     assert (std.max() / std.min()) > 1.5  # channels differ, so the per-channel scaling is what is checked
     assert len(seen) == 3 and torch.allclose(noise.std(1), 0.5 * std, rtol=0.15)
     assert not torch.equal(seen[0], seen[1])  # fresh noise every step
+
+
+def test_a_clip_run_chained_onto_frame_runs_starts_from_inflated_temporal_layers(tmp_path, monkeypatch) -> None:
+    """A VAE trained on frames in one run and on clips in the next (--init A --image-steps 0) must enter
+    its clip phase with the temporal layers inflated, as a single run switching at --image-steps does;
+    otherwise they start at their random init (PSNR fell from 28 to 19 dB at such a switch). The count of
+    clip steps behind each file is what tells."""
+    from training import vae_stage
+    from training.vae_stage import clip_steps_of
+
+    calls = []
+    real = vae_stage.inflate_temporal
+    monkeypatch.setattr(vae_stage, "inflate_temporal", lambda vae: (calls.append(1), real(vae)))
+
+    def run(name: str, init: Path | None, image_steps: int, steps: int) -> Path:
+        opts = {"runs_dir": str(tmp_path), "out_dir": str(tmp_path / name), "steps": str(steps),
+                "save_every": str(steps), "image_steps": str(image_steps), "clip_frames": "5",
+                "stats_samples": "2", "lr_warmup": "1"}  # fmt: skip
+        if init is not None:
+            opts["init"] = str(init)
+        distill.run("vae", make_config("vae", "tiny", opts))
+        return tmp_path / name / "final.safetensors"
+
+    frames = run("frames", None, image_steps=3, steps=3)
+    assert clip_steps_of(frames) == 0 and calls == []  # never reached its clip phase
+    clips = run("clips", frames, image_steps=0, steps=2)
+    assert calls == [1] and clip_steps_of(clips) == 2
+    more = run("more", clips, image_steps=0, steps=2)
+    assert calls == [1] and clip_steps_of(more) == 4  # its init already knows motion: left as it is
+    mixed = run("mixed", None, image_steps=2, steps=3)  # one run through the switch: inflated there
+    assert calls == [1, 1] and clip_steps_of(mixed) == 1
