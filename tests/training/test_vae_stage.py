@@ -93,6 +93,22 @@ def test_object_pixels_weigh_more_also_when_the_object_covers_a_corner() -> None
     assert (w[0, 0, 0][~background] == 10.0).float().mean() > 0.9  # anti-aliased edges may fall below 80
 
 
+def test_the_background_is_found_when_a_wrapped_object_covers_every_corner() -> None:
+    """Objects wrap around the canvas: one that starts at a corner shows in all four. The losses that
+    separate object from background (pixel weights, mask, the latent codes) must still find the object."""
+    from training.vae_stage import background, object_cover
+
+    video = to_model_range(render_video("a yellow square moving down on a gray background", 3, 5, 64))[None]
+    yellow = torch.tensor([230, 220, 40]).view(1, 3, 1, 1, 1) / 127.5 - 1
+    video[...] = torch.tensor([128, 128, 128]).view(1, 3, 1, 1, 1) / 127.5 - 1
+    for rows in (slice(0, 7), slice(57, 64)):  # a 14 px square centred on the corner, in four pieces
+        for cols in (slice(0, 7), slice(57, 64)):
+            video[:, :, :, rows, cols] = yellow
+    assert torch.allclose(background(video).flatten(), torch.full((3,), 128 / 127.5 - 1), atol=1e-6)
+    cover = object_cover(video)[0, 0, 0]  # [8, 8] cells
+    assert cover.sum() == pytest.approx(4 * 49 / 64) and cover[3:5, 3:5].sum() == 0
+
+
 def test_clip_frames_must_fit_the_time_stride() -> None:
     with pytest.raises(ConfigError, match="1 \\+ 4k"):
         make_config("vae", "tiny", {"clip_frames": "6"})
