@@ -17,12 +17,8 @@ DRIFT_PROMPTS=${DRIFT_PROMPTS:-12}
 mkdir -p "$OUT"
 
 NPROC=${NPROC:-2}  # ranks of one thread each, as scripts/train_shapes.sh
-LAUNCH=("$PY")
-if [ "$NPROC" -gt 1 ]; then
-  LAUNCH=(env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1
-          --master_port "${PORT:-29512}")
-fi
-stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
+PORT=${PORT:-29512}
+source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 
 # Ablation trainings. The recipe (version 5) already made the causal teacher (fine-tuned from the
 # bidirectional one) and the student distilled from it (ODE init + causal teacher, shipped).

@@ -16,14 +16,10 @@ RUNS=${RUNS:-runs}
 NPROC=${NPROC:-2}
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
 LATENTS="$RUNS/shapes/latents"
-LAUNCH=("$PY")
-if [ "$NPROC" -gt 1 ]; then
-  LAUNCH=(env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1
-          --master_port "${PORT:-29511}")
-fi
+PORT=${PORT:-29511}
+source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 
 one() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
-stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
 one vae --resume
 stage precompute

@@ -15,11 +15,8 @@ NPROC=${NPROC:-2}
 V="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
 LATENTS="$V/latents"
-LAUNCH=("$PY")
-if [ "$NPROC" -gt 1 ]; then
-  LAUNCH=(env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_addr 127.0.0.1
-          --master_port "${PORT:-29513}")
-fi
+PORT=${PORT:-29513}
+source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 finished() { [ -f "$1/final.safetensors" ]; }
 vae() {  # one VAE run into $1, skipped once finished (its final file carries the latent statistics)
   local out=$1; shift
@@ -27,7 +24,6 @@ vae() {  # one VAE run into $1, skipped once finished (its final file carries th
   echo "== vae -> $out" >&2
   "$PY" -m training.distill vae "${COMMON[@]}" --out-dir "$out" --resume "$@"
 }
-stage() { echo "== $* (ranks: $NPROC)" >&2; "${LAUNCH[@]}" -m training.distill "$@" "${COMMON[@]}"; }
 
 # the VAE: version 2's two frame runs, the code phase on frames, one clip phase with all three codes
 C=(--mask-weight 1 --guide colour --stats-samples 16)

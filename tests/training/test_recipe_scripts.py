@@ -20,6 +20,10 @@ args = sys.argv[1:]
 log = Path(os.environ["RECIPE_LOG"])
 assert args[0] == "-m", args
 module, rest = args[1], args[2:]
+if module == "torch.distributed.run":  # the launcher of NPROC > 1: its own options, then -m MODULE ...
+    assert "--nproc_per_node" in rest and os.environ.get("OMP_NUM_THREADS") == "1", rest
+    at = rest.index("-m")
+    module, rest = rest[at + 1], rest[at + 2:]
 if module == "training.distill":
     from training.config import parse_cli
     cfg = parse_cli(rest[0], rest[1:])  # raises ConfigError on an unknown stage or option
@@ -45,7 +49,8 @@ else:
                                                "ode-init", "dmd"]),
     ],
 )  # fmt: skip
-def test_recipe_script_commands_are_valid(tmp_path, script, stages) -> None:
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_recipe_script_commands_are_valid(tmp_path, script, stages, nproc) -> None:
     checker = tmp_path / "checker.py"
     checker.write_text(CHECKER)
     python = tmp_path / "python"
@@ -53,7 +58,7 @@ def test_recipe_script_commands_are_valid(tmp_path, script, stages) -> None:
     python.chmod(0o755)
     log = tmp_path / "stages.txt"
     log.write_text("")
-    env = {**os.environ, "PYTHON": str(python), "RUNS": str(tmp_path / "runs"), "NPROC": "1",
+    env = {**os.environ, "PYTHON": str(python), "RUNS": str(tmp_path / "runs"), "NPROC": nproc,
            "RECIPE_LOG": str(log), "PYTHONPATH": str(ROOT)}  # fmt: skip
     done = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
