@@ -330,24 +330,17 @@ def vae_loss(
         obj = object_colour_loss(recon, video)
         loss = loss + cfg.object_colour_weight * obj
         parts["object_colour"] = float(obj.detach())
-    if cfg.shape_weight > 0:
-        if shapes is None:
-            raise ConfigError("--shape-weight needs the shape of every clip")
-        code = shape_code_loss(mu, video, shapes)
-        loss = loss + cfg.shape_weight * code
-        parts["shape_code"] = float(code.detach())
-    if cfg.motion_weight > 0:
-        if directions is None:
-            raise ConfigError("--motion-weight needs the direction of every clip")
-        motion = motion_code_loss(mu, video, directions)
-        loss = loss + cfg.motion_weight * motion
-        parts["motion_code"] = float(motion.detach())
-    if cfg.colour_code_weight > 0:
-        if colours is None:
-            raise ConfigError("--colour-code-weight needs the object colour of every clip")
-        colour_code = colour_code_loss(mu, video, colours)
-        loss = loss + cfg.colour_code_weight * colour_code
-        parts["colour_code"] = float(colour_code.detach())
+    codes = (("--shape-weight", cfg.shape_weight, shape_code_loss, shapes, "shape_code", "the shape"),
+             ("--motion-weight", cfg.motion_weight, motion_code_loss, directions, "motion_code", "the direction"),
+             ("--colour-code-weight", cfg.colour_code_weight, colour_code_loss, colours, "colour_code",
+              "the object colour"))  # fmt: skip
+    for flag, weight, code_loss, target, part, what in codes:
+        if weight > 0:
+            if target is None:
+                raise ConfigError(f"{flag} needs {what} of every clip")
+            code = code_loss(mu, video, target)
+            loss = loss + weight * code
+            parts[part] = float(code.detach())
     if guide > 0 and cfg.guide == "colour":
         # only the first three channels are pulled onto the cell colours; the decoder is never asked to
         # draw from a guide latent, and the other channels stay free to carry the outline
