@@ -24,21 +24,29 @@ import torch
 from causvid_core.text import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_NAMES
 from causvid_core.vae import load_wan_vae
 from training.shapes import DIRECTION_VECTORS, parse_prompt, prompt_set, render_video, to_model_range
-from training.vae_stage import COLOUR_CHANNELS, MOTION_CHANNELS, SHAPE_CHANNELS, object_cover, posterior
+from training.vae_stage import COLOUR_CHANNELS, MOTION_CHANNELS, SHAPE_CHANNELS, object_cover
 
 ATTRIBUTES = {name: list(values) for name, values in
               (("colour", COLOURS), ("shape", SHAPE_NAMES), ("direction", DIRECTIONS), ("background", BACKGROUNDS))}
 
 
-def object_cells(vae, prompts: list[str], frames: int, first: int, last: int | None, seed: int = 2000):
-    """Per object cell: its latent vector [N, C] and the index of its clip [N]."""
-    feats, clip_of = [], []
+def encode_clips(vae, clips: int, frames: int, seed: int = 2000) -> tuple[list[str], list[tuple]]:
+    """The probe's prompts, and per clip its raw latent [1, C, f, h, w] and object cover [1, 1, f, h, w]."""
+    prompts = prompt_set(clips, seed=3)
+    encoded = []
     for i, prompt in enumerate(prompts):
         x = to_model_range(render_video(prompt, seed=seed + i, num_frames=frames))[None]
         with torch.no_grad():
-            z = vae.encode(x)[0]  # [C, f, h, w]
-        cover = object_cover(x)[0, 0]  # [f, h, w]
-        sel = cover[first:last] >= 0.5
+            encoded.append((vae.encode_raw(x), object_cover(x)))
+    return prompts, encoded
+
+
+def object_cells(vae, encoded: list[tuple], first: int, last: int | None):
+    """Per object cell: its normalised latent vector [N, C] and the index of its clip [N]."""
+    feats, clip_of = [], []
+    for i, (mu, cover) in enumerate(encoded):
+        z = vae.normalize(mu)[0]  # [C, f, h, w]: what the DiT is trained on
+        sel = cover[0, 0, first:last] >= 0.5
         cells = z[:, first:last].permute(1, 2, 3, 0)[sel]  # [n, C]
         feats.append(cells)
         clip_of.append(torch.full((len(cells),), i))
@@ -82,9 +90,12 @@ def probe_accuracy(x: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, s
     return float((pred == labels[~train]).float().mean())
 
 
-def probe(vae, clips: int = 96, frames: int = 17, first: int = 1, last: int | None = None) -> dict:
-    prompts = prompt_set(clips, seed=3)
-    x, clip_of = object_cells(vae, prompts, frames, first, last)
+def probe(vae, clips: int = 96, frames: int = 17, first: int = 1, last: int | None = None,
+          encoded: tuple[list[str], list[tuple]] | None = None) -> dict:
+    """The variance split and probe per attribute; ``encoded`` (from ``encode_clips``) saves encoding again."""
+    prompts, clips_encoded = encoded or encode_clips(vae, clips, frames)
+    clips, frames = len(prompts), 1 + 4 * (clips_encoded[0][0].shape[2] - 1)  # as encoded
+    x, clip_of = object_cells(vae, clips_encoded, first, last)
     parsed = [parse_prompt(p) for p in prompts]
     total = float(x.var(0, unbiased=False).sum())
     out = {"clips": clips, "frames": frames, "cells": len(x), "total_variance": total}
@@ -121,14 +132,13 @@ def read_codes(mu: torch.Tensor, cover: torch.Tensor) -> dict[str, torch.Tensor]
             "colour": nearest(mean[:, COLOUR_CHANNELS], palette)}  # fmt: skip
 
 
-def code_accuracy(vae, clips: int = 48, frames: int = 33, seed: int = 2000) -> dict[str, list[float]]:
+def code_accuracy(vae, clips: int = 48, frames: int = 33,
+                  encoded: tuple[list[str], list[tuple]] | None = None) -> dict[str, list[float]]:
     """Per code, the share of clips (0-100) whose code names the right value, by latent frame."""
-    prompts = prompt_set(clips, seed=3)
+    prompts, clips_encoded = encoded or encode_clips(vae, clips, frames)
     hits: dict[str, list[torch.Tensor]] = {"shape": [], "direction": [], "colour": []}
-    for i, prompt in enumerate(prompts):
-        x = to_model_range(render_video(prompt, seed=seed + i, num_frames=frames))[None]
-        with torch.no_grad():
-            read = read_codes(posterior(vae, x)[0], object_cover(x))
+    for prompt, (mu, cover) in zip(prompts, clips_encoded, strict=True):
+        read = read_codes(mu, cover)
         q = parse_prompt(prompt)
         truth = {"shape": SHAPE_NAMES.index(q.shape), "direction": DIRECTIONS.index(q.direction),
                  "colour": list(COLOURS).index(q.colour)}  # fmt: skip
@@ -149,14 +159,15 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     vae = load_wan_vae(args.vae).eval()
-    out = probe(vae, args.clips, args.frames, args.first, args.last)
+    encoded = encode_clips(vae, args.clips, args.frames)  # once, for the probes and the codes
+    out = probe(vae, first=args.first, last=args.last, encoded=encoded)
     print(f"{out['cells']} object cells from {out['clips']} clips; total variance {out['total_variance']:.2f}")
     for name in ATTRIBUTES:
         r = out[name]
         print(f"{name:10s} between {r['between']:6.2f}  within {r['within']:6.2f}  "
               f"probe {r['probe']:5.1f}% (chance {r['chance']:.0f}%)")  # fmt: skip
     if args.codes:
-        out["codes"] = code_accuracy(vae, args.clips, args.frames)
+        out["codes"] = code_accuracy(vae, encoded=encoded)
         for name, acc in out["codes"].items():  # the first latent frame holds one frame: no motion in it
             print(f"{name} code right (% of clips) by latent frame: " + " ".join(f"{a:.0f}" for a in acc))
     if args.json:
