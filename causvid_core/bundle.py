@@ -97,6 +97,22 @@ def embedded_file(name: str, part: str) -> Path:
     return path
 
 
+def vae_file(vae: str | None, model: str = "") -> Path | None:
+    """The VAE weights named by ``vae`` (a file or ``embedded:NAME``); without one, the VAE of an embedded
+    ``model``, or None when the model is a checkpoint (the caller says which VAE it needs)."""
+    if not vae:
+        if not model.startswith(EMBEDDED_PREFIX):
+            return None
+        vae = model
+    if vae.startswith(EMBEDDED_PREFIX):
+        return embedded_file(vae[len(EMBEDDED_PREFIX) :], "vae")
+    if not Path(vae).is_file():
+        raise FileNotFoundError(
+            f"VAE file {vae} not found: give a Wan2.1 VAE .pth/.safetensors or embedded:NAME"
+        )
+    return Path(vae)
+
+
 def file_metadata(path: Path) -> dict[str, str]:
     """Metadata of a safetensors file (headers only); {} for other formats."""
     if path.suffix != ".safetensors" or not path.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, file_metadata, load_bundle
+from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, file_metadata, load_bundle, vae_file
 from .resume import RenderJob
 
 SIZE_META = "causvid_size"  # [width, height] a model was trained at (proposed for bundle.settings_metadata)
@@ -206,18 +206,11 @@ def _check_model_source(source: str) -> None:
 
 
 def _vae_path(settings: dict) -> Path:
-    model, vae = settings["model"], settings.get("vae")
-    if not vae:
-        if not model.startswith(EMBEDDED_PREFIX):
-            raise ValueError(f"{model} needs a VAE: pass --vae Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)")
-        vae = model
-    if vae.startswith(EMBEDDED_PREFIX):
-        return embedded_file(vae[len(EMBEDDED_PREFIX) :], "vae")
-    if not Path(vae).is_file():
-        raise FileNotFoundError(
-            f"VAE file {vae} not found: give a Wan2.1 VAE .pth/.safetensors or embedded:NAME"
-        )
-    return Path(vae)
+    model = settings["model"]
+    path = vae_file(settings.get("vae"), model)
+    if path is None:
+        raise ValueError(f"{model} needs a VAE: pass --vae Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)")
+    return path
 
 
 def _device(name: str | None) -> torch.device:

@@ -278,7 +278,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--compare", nargs="+", metavar="JSON[=LABEL]",
                      help="plot the drift curves of earlier --drift runs side by side into --drift PNG")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=64, help="with --model/--teacher: prompts (default 64)")
-    ap.add_argument("--vae", help="VAE weights (default: the embedded model's; needed for checkpoints)")
+    ap.add_argument(
+        "--vae", help="VAE weights or embedded:NAME (default: the embedded model's; needed for checkpoints)"
+    )
     ap.add_argument("--teacher-steps", type=int, default=50, help="Euler steps of --teacher (default 50)")
     ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale of --teacher (default 6)")
     ap.add_argument("--causal-chunk", type=int, help="--teacher is block-causal with chunks of this size")
@@ -297,15 +299,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _model_fn(args: argparse.Namespace) -> Any:
     """The generator of ``--model`` / ``--teacher`` with its VAE and text encoder."""
-    from causvid_core.bundle import embedded_file
+    from causvid_core.bundle import vae_file
     from causvid_core.text import ShapesTextEncoder
     from causvid_core.vae import load_wan_vae
 
     from . import generators
 
     source = args.model or ""
-    vae_path = args.vae or (str(embedded_file(source.split(":", 1)[1], "vae")) if source.startswith("embedded:")
-                            else None)  # fmt: skip
+    vae_path = vae_file(args.vae, source)
     if vae_path is None:
         raise SystemExit("--vae PATH is needed with a checkpoint (e.g. runs/shapes/vae/final.safetensors)")
     vae = load_wan_vae(vae_path)

@@ -143,7 +143,7 @@ def video_to_video(
 
 
 def run_all(model: str, vae_path: str | None = None, n: int = 12, strength: float = 0.6) -> dict[str, Any]:
-    from causvid_core.bundle import embedded_file, load_bundle
+    from causvid_core.bundle import load_bundle, vae_file
     from causvid_core.vae import load_wan_vae
 
     bundle = load_bundle(model, dtype=torch.float32)
@@ -152,11 +152,10 @@ def run_all(model: str, vae_path: str | None = None, n: int = 12, strength: floa
 
         cfg = bundle.model.config
         bundle = dataclasses.replace(bundle, text_encoder=ShapesTextEncoder(cfg.text_dim, cfg.text_len))
-    if vae_path is None:
-        if not model.startswith("embedded:"):
-            raise ValueError("--vae PATH is needed with a checkpoint")
-        vae_path = str(embedded_file(model.split(":", 1)[1], "vae"))
-    vae = load_wan_vae(vae_path)
+    path = vae_file(vae_path, model)
+    if path is None:
+        raise ValueError("--vae PATH is needed with a checkpoint")
+    vae = load_wan_vae(path)
     prompts = prompt_set(max(n, 6))[:n]
     return {
         "schedule": schedule_switch(bundle, vae, prompts),
@@ -168,7 +167,9 @@ def run_all(model: str, vae_path: str | None = None, n: int = 12, strength: floa
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m training.zero_shot", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:shapes")
-    ap.add_argument("--vae")
+    ap.add_argument(
+        "--vae", help="VAE weights or embedded:NAME (default: the embedded model's; needed for checkpoints)"
+    )
     ap.add_argument("--cases", type=int, default=12, help="prompts per application (default 12)")
     ap.add_argument("--strength", type=float, default=0.6, help="video-to-video strength (default 0.6)")
     ap.add_argument("--json", type=Path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causvid_core.bundle import load_bundle, parse_steps, settings_metadata
+from causvid_core.bundle import embedded_file, load_bundle, parse_steps, settings_metadata, vae_file
 from causvid_core.checkpoint import save_model
 from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
 from causvid_core.model import CausalWanModel
@@ -56,3 +56,17 @@ def test_errors_say_what_to_do() -> None:
         parse_steps("1000, fast")
     with pytest.raises(FileNotFoundError, match=r"embedded model 'embedded:nope' has no dit weights"):
         load_bundle("embedded:nope")
+
+
+def test_a_vae_is_named_by_file_or_embedded_name_everywhere(tmp_path) -> None:
+    shipped = embedded_file("shapes", "vae")
+    assert vae_file("embedded:shapes") == shipped  # --vae embedded:shapes (eval, zero_shot, generate)
+    assert vae_file(None, "embedded:shapes") == shipped  # no --vae: the embedded model's own
+    assert vae_file(None, str(tmp_path / "dit.safetensors")) is None  # a checkpoint: the caller asks for one
+    own = tmp_path / "vae.safetensors"
+    own.write_bytes(b"x")
+    assert vae_file(str(own), "embedded:shapes") == own  # the user's VAE wins over the embedded one
+    with pytest.raises(
+        FileNotFoundError, match=r"VAE file .*missing.safetensors not found: give a Wan2.1 VAE"
+    ):
+        vae_file(str(tmp_path / "missing.safetensors"))
