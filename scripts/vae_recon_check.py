@@ -17,7 +17,7 @@ import torch
 
 from causvid_core.vae import load_wan_vae
 from causvid_core.video_io import psnr
-from training.metrics import score_video
+from training.metrics import frame_stats, score_video
 from training.shapes import parse_prompt, prompt_set, render_video, to_model_range
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
     vae = load_wan_vae(args.vae).eval()
     gt_scores, rec_scores, psnrs, sq_err = [], [], [], []
+    fills: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # shape -> (ground truth, reconstructed)
     prompts = prompt_set(args.videos, seed=1)
     for i, prompt in enumerate(prompts):
         video = render_video(prompt, seed=1000 + i, num_frames=args.frames)
@@ -51,6 +52,10 @@ def main() -> None:
         rec_scores.append(score_video(rec_u8, prompt))
         psnrs.append(psnr(video, rec_u8))
         sq_err.append(((video.astype(np.float64) - rec_u8) ** 2).mean(axis=(1, 2, 3)))  # per frame
+        background = np.median(video[0].reshape(-1, 3), axis=0)
+        gt_fill, rec_fill = fills.setdefault(parse_prompt(prompt).shape, ([], []))
+        gt_fill.append(frame_stats(video, background).fill)
+        rec_fill.append(frame_stats(rec_u8, background).fill)
     for name, scores in (("ground truth", gt_scores), ("reconstructed", rec_scores)):
         mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         print(f"{name:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in mean.items()))
@@ -63,6 +68,10 @@ def main() -> None:
         by_shape.setdefault(parse_prompt(prompt).shape, []).append(s["shape_accuracy"])
     print("reconstructed shape accuracy by the prompt's shape: "
           + ", ".join(f"{k} {np.mean(v):.1f} ({len(v)})" for k, v in sorted(by_shape.items())))  # fmt: skip
+    # the fill ratio (area / bounding box) the rule reads: > 0.9 square, 0.65-0.9 circle, < 0.65 triangle
+    print("median fill ratio by shape, ground truth -> reconstructed: " + ", ".join(
+        f"{k} {np.nanmedian(np.concatenate(gt)):.3f} -> {np.nanmedian(np.concatenate(rec)):.3f}"
+        for k, (gt, rec) in sorted(fills.items())))  # fmt: skip
 
 
 if __name__ == "__main__":
