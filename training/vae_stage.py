@@ -44,8 +44,7 @@ def posterior(vae: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
 
 def pixel_weights(video: Tensor, object_weight: float) -> Tensor:
     """[B, 1, T, H, W]: ``object_weight`` on pixels farther than 80/255 (RGB) from the clip's background,
-    1 elsewhere. The background is the per-channel median of the first frame's four corners (an object
-    covers at most one corner of a Shapes frame), so the loss does not drown the object in background."""
+    1 elsewhere (the background: ``background``), so the loss does not drown the object in background."""
     if object_weight == 1.0:
         return video.new_ones(1)
     far = object_mask(video, background(video))
