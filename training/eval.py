@@ -6,7 +6,9 @@ Sources of videos:
 - ``--ground-truth N``: N rendered videos of ``prompt_set(N)`` (a sanity check: all figures near 100).
 Prints a table, writes ``--json PATH`` and, with ``--drift PNG``, the per-window curves.
 ``--compare A.json=LABEL B.json=LABEL --drift PNG`` draws earlier runs' curves side by side, one panel
-per figure (Figure 8 in miniature). ``evaluate(generate_fn, prompts, seeds, seconds)`` is the entry point for models.
+per figure (Figure 8 in miniature). ``--paired BASE.json NEW.json`` prints the paired differences of two
+runs on the same prompts and seeds, with standard errors: whether a retrained model is really better.
+``evaluate(generate_fn, prompts, seeds, seconds)`` is the entry point for models.
 """
 
 from __future__ import annotations
@@ -268,6 +270,41 @@ def plot_drift_comparison(curves: Sequence[tuple[str, Sequence[dict[str, float]]
     img.save(str(path))
 
 
+PAIRED_FIGURES = (*FIGURES, "colour_accuracy", "shape_accuracy", "direction_accuracy")
+
+
+def paired_difference(base: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per figure: both runs' means over the videos they share (same name and prompt), the mean paired
+    difference new - base and its standard error. Two models scored on the same prompts and seeds differ
+    far less in their paired differences than their spreads suggest, so this is how to tell a gain from
+    noise. Raises ValueError when the runs share no video or name one video with different prompts."""
+    def by_name(result: dict[str, Any], which: str) -> dict[str, dict[str, Any]]:
+        videos = result.get("videos")
+        if not videos:
+            raise ValueError(f"the {which} JSON has no per-video figures: write it with training.eval --json")
+        return {v["name"]: v for v in videos}
+
+    a, b = by_name(base, "base"), by_name(new, "new")
+    names = sorted(a.keys() & b.keys())
+    if not names:
+        raise ValueError("the two runs share no video: score both with the same --prompts and --seed")
+    for name in names:
+        if a[name].get("prompt") != b[name].get("prompt"):
+            raise ValueError(f"video {name} has different prompts in the two runs ({a[name].get('prompt')!r}, "
+                             f"{b[name].get('prompt')!r}): score both with the same --seed")  # fmt: skip
+    out: dict[str, dict[str, float]] = {}
+    for key in PAIRED_FIGURES:
+        if not all(key in a[n] and key in b[n] for n in names):
+            continue
+        x = np.array([a[n][key] for n in names], dtype=np.float64)
+        y = np.array([b[n][key] for n in names], dtype=np.float64)
+        d = y - x
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        out[key] = {"base": float(x.mean()), "new": float(y.mean()), "difference": float(d.mean()),
+                    "standard_error": se, "videos": float(len(d))}  # fmt: skip
+    return out
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -277,6 +314,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--teacher", help="sample videos with a many-step teacher checkpoint (sliding windows)")
     src.add_argument("--compare", nargs="+", metavar="JSON[=LABEL]",
                      help="plot the drift curves of earlier --drift runs side by side into --drift PNG")  # fmt: skip
+    src.add_argument("--paired", nargs=2, type=Path, metavar=("BASE_JSON", "NEW_JSON"),
+                     help="paired differences (new - base, standard errors) of two --json runs on the same prompts")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=64, help="with --model/--teacher: prompts (default 64)")
     ap.add_argument(
         "--vae", help="VAE weights or embedded:NAME (default: the embedded model's; needed for checkpoints)"
@@ -337,6 +376,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             first, last = ws[0], ws[-1]
             print(f"{label}: " + ", ".join(f"{k.split('_')[0]} {first[k]:.1f} -> {last[k]:.1f}" for k in FIGURES))
         return {"compare": dict(curves)}
+    if args.paired:
+        runs = []
+        for path in args.paired:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: write it with python -m training.eval ... --json {path}")
+            runs.append(json.loads(path.read_text()))
+        paired = paired_difference(*runs)
+        n = int(next(iter(paired.values()))["videos"]) if paired else 0
+        print(f"{'figure':20s} {'base':>7s} {'new':>7s} {'new-base':>9s} {'s.e.':>6s}   ({n} videos in both)")
+        for key, row in paired.items():
+            print(f"{key:20s} {row['base']:7.1f} {row['new']:7.1f} {row['difference']:+9.1f} "
+                  f"{row['standard_error']:6.1f}")  # fmt: skip
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"paired": paired}, indent=2))
+        return {"paired": paired}
     background = "estimate" if args.estimate_background else None
     if args.videos is not None:
         result = score_items(_folder_items(args.videos), drift=drift, window_s=args.window,

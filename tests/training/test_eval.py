@@ -96,6 +96,42 @@ def test_compare_draws_each_runs_drift_curves_and_names_a_missing_drift(tmp_path
         main(["--compare", str(tmp_path / "a.json")])
 
 
+def test_paired_differences_of_two_runs_on_the_same_prompts(tmp_path: Path, capsys) -> None:
+    """--paired BASE NEW: per figure both means over the shared videos, new - base and its standard error;
+    runs on other prompts are refused with the fix."""
+    from training.eval import evaluate, paired_difference
+
+    prompts = ["a red circle moving right", "a blue square moving up", "a green triangle moving left"]
+
+    def frozen(prompt: str, seed: int, frames: int) -> np.ndarray:  # squares and triangles never move
+        video = render_video(prompt, seed, frames)
+        return video if "circle" in prompt else np.repeat(video[:1], frames, axis=0)
+
+    base = evaluate(render_video, prompts, [0, 1, 2], 1.0)
+    new = evaluate(frozen, prompts, [0, 1, 2], 1.0)
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    result = main(["--paired", str(tmp_path / "base.json"), str(tmp_path / "new.json"),
+                   "--json", str(tmp_path / "paired.json")])["paired"]  # fmt: skip
+    temporal = result["temporal_quality"]
+    assert temporal["videos"] == 3 and temporal["base"] > 90 and temporal["new"] < 60
+    pairs = zip(base["videos"], new["videos"], strict=True)
+    want = np.array([n["temporal_quality"] - b["temporal_quality"] for b, n in pairs])
+    assert want[0] == 0 and want[1] < -50  # the circle is unchanged; the square frozen
+    assert temporal["difference"] == pytest.approx(want.mean())
+    assert temporal["standard_error"] == pytest.approx(want.std(ddof=1) / np.sqrt(3)) and temporal["standard_error"] > 10
+    assert result["colour_accuracy"]["difference"] == pytest.approx(0.0, abs=1e-9)  # the frames are right
+    assert json.loads((tmp_path / "paired.json").read_text())["paired"]["temporal_quality"] == temporal
+    assert "temporal_quality" in capsys.readouterr().out
+    other = evaluate(render_video, ["a red circle moving down"], [0], 1.0)
+    with pytest.raises(ValueError, match="different prompts in the two runs.*same --seed"):
+        paired_difference(base, other)
+    with pytest.raises(ValueError, match="share no video"):
+        paired_difference(base, {"videos": [{**other["videos"][0], "name": "999_seed9"}]})
+    with pytest.raises(FileNotFoundError, match="write it with python -m training.eval"):
+        main(["--paired", str(tmp_path / "base.json"), str(tmp_path / "missing.json")])
+
+
 def test_module_runs_as_a_script(tmp_path: Path) -> None:
     out = tmp_path / "gt.json"
     cmd = [sys.executable, "-m", "training.eval", "--ground-truth", "2", "--seconds", "1", "--json", str(out)]
