@@ -185,6 +185,11 @@ class VAETrainConfig(RunConfig):
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise
     # per channel (a DiT's latents lie off the encoder's; a decoder fitted to the encoder's alone breaks them up)
     latent_noise: float = 0.0
+    # adversarial term: a patch discriminator (final_disc.safetensors) tells the reconstruction's frames from
+    # the clip's, and the decoder pays this weight x its hinge loss. Pixel losses average a corner the
+    # decoder is unsure of into a curve (every shape comes back a circle); this asks for edges that look real
+    adv_weight: float = 0.0
+    disc_channels: int = 32  # the discriminator's first width (then 2x)
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 

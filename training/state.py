@@ -107,7 +107,7 @@ class CheckpointManager:
 
     def metadata(self, model: nn.Module, step: int) -> dict[str, Any]:
         cfg = self.cfg
-        if not isinstance(model.config, DiTConfig):  # the VAE stage
+        if not isinstance(getattr(model, "config", None), DiTConfig):  # the VAE stage (and its discriminator)
             from .vae_stage import vae_metadata
 
             return vae_metadata(model, self.stage, step, to_json(cfg))

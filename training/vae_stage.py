@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from causvid_core.bundle import file_metadata
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
@@ -286,13 +286,24 @@ def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
 def vae_loss(
     vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
     shapes: Tensor | None = None, latent_noise: Tensor | None = None, directions: Tensor | None = None,
-    colours: Tensor | None = None,
+    colours: Tensor | None = None, disc: nn.Module | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts for one batch; ``eps`` is the posterior noise (seeded by the step);
+    """``vae_loss_and_recon`` without the reconstruction."""
+    loss, parts, _ = vae_loss_and_recon(vae, video, eps, cfg, guide, shapes, latent_noise, directions, colours, disc)
+    return loss, parts
+
+
+def vae_loss_and_recon(
+    vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
+    shapes: Tensor | None = None, latent_noise: Tensor | None = None, directions: Tensor | None = None,
+    colours: Tensor | None = None, disc: nn.Module | None = None,
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Total loss, its parts and the reconstruction of one batch; ``eps`` is the posterior noise (seeded by the step);
     ``shapes`` [B] the index of each clip's shape (``SHAPE_NAMES``), needed by ``--shape-weight``;
     ``latent_noise`` (shaped as the latents) is added to what the decoder reconstructs from (``--latent-noise``);
     ``directions`` [B, 2] each clip's direction of motion (x, y), needed by ``--motion-weight``.
     ``colours`` [B, 3] each clip's object colour (-1..1), needed by ``--colour-code-weight``.
+    ``disc`` the patch discriminator, needed by ``--adv-weight`` (its weights get no gradient here).
 
     ``guide`` > 0 adds the pooled-colour guide (see ``guide_weight``): the encoder's means regress onto
     a fixed 8x8-pooled, 16-channel lift of the frames, and the decoder also reconstructs from that lift.
@@ -352,9 +363,54 @@ def vae_loss(
         guide_lat = (mu - target).square().mean()
         loss = loss + guide * (guide_lat + guide_rec)
         parts |= {"guide_latent": float(guide_lat.detach()), "guide_recon": float(guide_rec.detach())}
+    if cfg.adv_weight > 0:
+        if disc is None:
+            raise ConfigError("--adv-weight needs the patch discriminator")
+        adv = generator_hinge(disc, recon)
+        loss = loss + cfg.adv_weight * adv
+        parts["adv_g"] = float(adv.detach())
     plain = (recon.detach() - video).square().mean()
     parts["psnr"] = float(10 * torch.log10(4.0 / plain.clamp_min(1e-10)))  # range -1..1: peak 2
-    return loss, parts
+    return loss, parts, recon
+
+
+class PatchDiscriminator(nn.Module):
+    """Frames -> a grid of real / fake logits, one per 4x4 pixels, each seeing about 26 px: a whole Shapes
+    object (about 14 px) with its edges and corners. Two stride-2 convolutions, then two 3x3 ones."""
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        c = channels
+        self.channels = c
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 2 * c, 3, 1, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 1, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, video: Tensor) -> Tensor:
+        """[B, 3, T, H, W] clips -> [B * T, 1, H / 4, W / 4] logits (every frame on its own)."""
+        frames = video.transpose(1, 2).flatten(0, 1)
+        return self.net(frames.float())
+
+
+def generator_hinge(disc: nn.Module, recon: Tensor) -> Tensor:
+    """The decoder's adversarial loss: minus the discriminator's mean logit on the reconstruction. The
+    discriminator's weights are only read (no gradient reaches them)."""
+    needs = [p.requires_grad for p in disc.parameters()]
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    try:
+        return -disc(recon).mean()
+    finally:
+        for p, flag in zip(disc.parameters(), needs, strict=True):
+            p.requires_grad_(flag)
+
+
+def discriminator_hinge(disc: nn.Module, video: Tensor, recon: Tensor) -> Tensor:
+    """Hinge loss of the discriminator: real frames above +1, reconstructed ones below -1."""
+    return F.relu(1.0 - disc(video)).mean() + F.relu(1.0 + disc(recon.detach())).mean()
 
 
 GUIDES = ("pool", "quadrants", "colour")
@@ -486,6 +542,9 @@ def clip_steps_of(path: Path, depth: int = 0) -> int | None:
 def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict[str, Any]:
     from dataclasses import asdict
 
+    if isinstance(vae, PatchDiscriminator):  # --adv-weight's discriminator: no VAE config, no latents
+        return {"causvid_discriminator": {"channels": vae.channels}, "causvid_stage": stage,
+                "causvid_step": step, "causvid_training": training_json}  # fmt: skip
     arch = {k: v for k, v in asdict(vae.config).items() if k not in ("latents_mean", "latents_std")}
     meta = {"causvid_vae_config": arch, "causvid_stage": stage, "causvid_step": step,
             "causvid_training": training_json}  # fmt: skip
@@ -557,6 +616,16 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     decay = 0.0 if cfg.temporal_only else cfg.weight_decay
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=decay)
     t = Trainable("step", model, opt, raw)
+    trainables = [t]
+    disc_raw = None
+    if cfg.adv_weight < 0:
+        raise ConfigError(f"--adv-weight {cfg.adv_weight}: use a weight >= 0 (0: no discriminator)")
+    if cfg.adv_weight > 0:  # the discriminator trains beside the VAE, on the same lr schedule
+        disc_raw = PatchDiscriminator(cfg.disc_channels).to(dev).train()
+        disc_opt = torch.optim.AdamW(disc_raw.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+        trainables.append(Trainable("disc", dist.wrap(disc_raw, ctx), disc_opt, disc_raw))
+        _say(ctx, f"adversarial term {cfg.adv_weight}: patch discriminator of "
+                  f"{sum(p.numel() for p in disc_raw.parameters()) / 1e6:.3f}M weights")  # fmt: skip
     clips = ShapesDataset(cfg.clip_frames, cfg.height, seed=cfg.seed)
     images = ShapesDataset(1, cfg.height, seed=cfg.seed + 1)  # first frames of fresh videos
 
@@ -591,9 +660,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         eps = randn(lat, gen, dev)
         extra = None if noise_std is None else noise_std * randn(lat, gen, dev)
         with dist.autocast(ctx, cfg.amp):
-            loss, parts = vae_loss(model.module if hasattr(model, "module") else model,
-                                   video, eps, cfg, guide_weight(step, cfg), shapes, extra, directions,
-                                   colours)  # fmt: skip
+            loss, parts, recon = vae_loss_and_recon(model.module if hasattr(model, "module") else model,
+                                                    video, eps, cfg, guide_weight(step, cfg), shapes, extra,
+                                                    directions, colours, disc_raw)  # fmt: skip
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift
@@ -621,16 +690,25 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         guard["skips"] = guard.get("skips", 0) + 1 if skipped else 0
         if not skipped:
             t.opt.step()
+        if disc_raw is not None:  # then the discriminator's step, on this batch's frames and reconstructions
+            d = trainables[1]
+            with dist.autocast(ctx, cfg.amp):
+                d_loss = discriminator_hinge(d.model, video, recon)
+            parts["adv_d"] = checked("disc_loss", d_loss, step, cfg, ctx)
+            d.opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            dist.clip_grad(d.model, cfg.grad_clip)
+            d.opt.step()
         return {"loss": value, **parts, "grad_norm": norm, "skipped": float(skipped), "rolled_back": 0.0}
 
     def sample_fn(step: int, folder: Path) -> None:
         _reconstruction_video(raw, cfg, folder / "samples" / f"step_{step:06d}.mp4")
 
-    result = train_loop(cfg, ctx, [t], step_fn, sample_fn)
+    result = train_loop(cfg, ctx, trainables, step_fn, sample_fn)
     if result["final"] and ctx.is_main:
         raw.eval()
         mean, std = init_stats if cfg.decoder_only else latent_statistics(raw, cfg)
-        for path in result["final"]:
+        for path in result["final"][:1]:  # the VAE's (final_disc.safetensors is the discriminator's)
             store_statistics(Path(path), mean, std)
         _say(ctx, f"latent statistics over {cfg.stats_samples} clips: std {min(std):.3f}..{max(std):.3f}; "
                   f"stored in {result['final'][0]}")  # fmt: skip

@@ -117,15 +117,15 @@ def test_clip_frames_must_fit_the_time_stride() -> None:
 def test_a_loss_jump_undoes_the_last_update_and_training_goes_on(tmp_path, monkeypatch) -> None:
     from training import vae_stage
 
-    real = vae_stage.vae_loss
+    real = vae_stage.vae_loss_and_recon
     calls = {"n": 0}
 
     def jumpy(*args):
-        loss, parts = real(*args)
+        loss, parts, recon = real(*args)
         calls["n"] += 1
-        return (loss * 100 if calls["n"] == 23 else loss), parts  # step 22 (0-based) looks like a cliff
+        return (loss * 100 if calls["n"] == 23 else loss), parts, recon  # step 22 (0-based) looks like a cliff
 
-    monkeypatch.setattr(vae_stage, "vae_loss", jumpy)
+    monkeypatch.setattr(vae_stage, "vae_loss_and_recon", jumpy)
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "steps": "26", "save_every": "26",
                                       "lr": "1e-3", "stats_samples": "2", "lr_warmup": "2"})  # fmt: skip
     rows = distill.run("vae", cfg)["rows"]
@@ -472,13 +472,13 @@ def test_latent_noise_is_in_units_of_the_stored_latent_stds_and_needs_a_decoder_
     distill.run("vae", make_config("vae", "tiny", {**base, "steps": "20", "lr": "3e-3"}))
     std = torch.tensor(latent_stats_of(tmp_path / "shapes" / "vae" / "final.safetensors")[1])
     seen = []
-    real = vae_stage.vae_loss
+    real = vae_stage.vae_loss_and_recon
 
     def spy(*args, **kw):
         seen.append(args[6] if len(args) > 6 else kw.get("latent_noise"))
         return real(*args, **kw)
 
-    monkeypatch.setattr(vae_stage, "vae_loss", spy)
+    monkeypatch.setattr(vae_stage, "vae_loss_and_recon", spy)
     cfg = make_config("vae", "tiny", {**base, "steps": "3", "decoder_only": "true", "latent_noise": "0.5",
                                       "batch_size": "8"})  # fmt: skip
     distill.run("vae", cfg)
@@ -517,3 +517,64 @@ def test_a_clip_run_chained_onto_frame_runs_starts_from_inflated_temporal_layers
     assert calls == [1] and clip_steps_of(more) == 4  # its init already knows motion: left as it is
     mixed = run("mixed", None, image_steps=2, steps=3)  # one run through the switch: inflated there
     assert calls == [1, 1] and clip_steps_of(mixed) == 1
+
+
+def test_the_adversarial_term_is_the_discriminators_verdict_on_the_reconstruction() -> None:
+    """``--adv-weight W`` adds W x minus the discriminator's mean logit on the reconstructed frames; the
+    discriminator gets no gradient from it, and its own hinge loss wants real frames above +1, fakes below -1."""
+    from training.vae_stage import PatchDiscriminator, discriminator_hinge, posterior, reconstruct, vae_loss
+
+    base = make_config("vae", "tiny", {})
+    cfg = make_config("vae", "tiny", {"adv_weight": "0.5"})
+    vae, video, eps = tiny_vae_batch(cfg)
+    torch.manual_seed(1)
+    disc = PatchDiscriminator(8)
+    plain, _ = vae_loss(vae, video, eps, base, 0.0)
+    adv, parts = vae_loss(vae, video, eps, cfg, 0.0, disc=disc)
+    recon = reconstruct(vae, posterior(vae, video)[0])
+    logits = disc(recon)
+    assert logits.shape == (video.shape[2], 1, 8, 8)  # one 32x32 frame each -> 8x8 patches
+    assert parts["adv_g"] == pytest.approx(-logits.mean().item(), rel=1e-5)
+    assert adv.item() == pytest.approx(plain.item() + 0.5 * parts["adv_g"], rel=1e-5)
+    adv.backward()
+    assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
+    with torch.no_grad():  # a discriminator that says c everywhere: relu(1 - c) + relu(1 + c)
+        disc.net[-1].weight.zero_()
+        disc.net[-1].bias.fill_(0.25)
+    assert discriminator_hinge(disc, video, recon).item() == pytest.approx(0.75 + 1.25)
+    with pytest.raises(ConfigError, match="--adv-weight needs the patch discriminator"):
+        vae_loss(vae, video, eps, cfg, 0.0)
+
+
+def test_a_decoder_fine_tune_with_the_adversarial_term_resumes_with_its_discriminator(tmp_path) -> None:
+    """``vae --decoder-only true --adv-weight W``: the discriminator trains beside the decoder, is saved
+    beside it (final_disc.safetensors; the VAE file alone carries the latent statistics), and a run
+    stopped part way resumes both to the same weights as a run that never stopped."""
+    from safetensors.torch import load_file
+
+    from causvid_core.bundle import file_metadata
+
+    base = {"runs_dir": str(tmp_path), "save_every": "2", "stats_samples": "4", "clip_frames": "5",
+            "lr_warmup": "1"}  # fmt: skip
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "4", "lr": "3e-3"}))
+    tune = {**base, "lr": "1e-3", "decoder_only": "true", "adv_weight": "0.1", "disc_channels": "8",
+            "init": str(tmp_path / "shapes" / "vae" / "final.safetensors")}  # fmt: skip
+    straight = distill.run("vae", make_config("vae", "tiny", {**tune, "steps": "4", "out_dir": str(tmp_path / "a")}))
+    assert all("adv_g" in r and "adv_d" in r for r in straight["rows"])
+    distill.run("vae", make_config("vae", "tiny", {**tune, "steps": "2", "out_dir": str(tmp_path / "b")}))
+    (tmp_path / "b" / "final.safetensors").unlink()  # the 2-step run finished; make it look stopped at 2
+    (tmp_path / "b" / "final_disc.safetensors").unlink()
+    distill.run("vae", make_config("vae", "tiny", {**tune, "steps": "4", "out_dir": str(tmp_path / "b"),
+                                                   "resume": "true"}))  # fmt: skip
+    for name in ("final.safetensors", "final_disc.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    disc_meta = file_metadata(tmp_path / "a" / "final_disc.safetensors")
+    assert "causvid_discriminator" in disc_meta and STAGE_META not in disc_meta
+    assert latent_stats_of(tmp_path / "a" / "final.safetensors") == latent_stats_of(
+        tmp_path / "shapes" / "vae" / "final.safetensors"
+    )
+    load_wan_vae(tmp_path / "a" / "final.safetensors")  # still an ordinary VAE file
+    with pytest.raises(ConfigError, match="--adv-weight -1"):
+        distill.run("vae", make_config("vae", "tiny", {**tune, "adv_weight": "-1", "out_dir": str(tmp_path / "c")}))
