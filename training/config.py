@@ -190,6 +190,7 @@ class VAETrainConfig(RunConfig):
     # decoder is unsure of into a curve (every shape comes back a circle); this asks for edges that look real
     adv_weight: float = 0.0
     disc_channels: int = 32  # the discriminator's first width (then 2x)
+    disc_lr: float | None = None  # the discriminator's lr (default --lr); on the same schedule as the VAE's
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 

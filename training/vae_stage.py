@@ -622,7 +622,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         raise ConfigError(f"--adv-weight {cfg.adv_weight}: use a weight >= 0 (0: no discriminator)")
     if cfg.adv_weight > 0:  # the discriminator trains beside the VAE, on the same lr schedule
         disc_raw = PatchDiscriminator(cfg.disc_channels).to(dev).train()
-        disc_opt = torch.optim.AdamW(disc_raw.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+        disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
+        disc_opt = torch.optim.AdamW(disc_raw.parameters(), lr=disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
         trainables.append(Trainable("disc", dist.wrap(disc_raw, ctx), disc_opt, disc_raw))
         _say(ctx, f"adversarial term {cfg.adv_weight}: patch discriminator of "
                   f"{sum(p.numel() for p in disc_raw.parameters()) / 1e6:.3f}M weights")  # fmt: skip

@@ -558,10 +558,14 @@ def test_a_decoder_fine_tune_with_the_adversarial_term_resumes_with_its_discrimi
     base = {"runs_dir": str(tmp_path), "save_every": "2", "stats_samples": "4", "clip_frames": "5",
             "lr_warmup": "1"}  # fmt: skip
     distill.run("vae", make_config("vae", "tiny", {**base, "steps": "4", "lr": "3e-3"}))
-    tune = {**base, "lr": "1e-3", "decoder_only": "true", "adv_weight": "0.1", "disc_channels": "8",
+    tune = {**base, "lr": "1e-3", "decoder_only": "true", "adv_weight": "0.1", "disc_channels": "8", "disc_lr": "2e-3",
             "init": str(tmp_path / "shapes" / "vae" / "final.safetensors")}  # fmt: skip
     straight = distill.run("vae", make_config("vae", "tiny", {**tune, "steps": "4", "out_dir": str(tmp_path / "a")}))
     assert all("adv_g" in r and "adv_d" in r for r in straight["rows"])
+    assert [r["lr"] for r in straight["rows"]][-1] < 1e-3  # the VAE's lr, on the schedule (the log's)
+    state = torch.load(tmp_path / "a" / "state_000004.pt", weights_only=False)
+    lrs = {name: o["param_groups"][0]["lr"] for name, o in state["optimizers"].items()}
+    assert lrs["disc"] == pytest.approx(2 * lrs["step"])  # --disc-lr 2e-3 against --lr 1e-3, same schedule
     distill.run("vae", make_config("vae", "tiny", {**tune, "steps": "2", "out_dir": str(tmp_path / "b")}))
     (tmp_path / "b" / "final.safetensors").unlink()  # the 2-step run finished; make it look stopped at 2
     (tmp_path / "b" / "final_disc.safetensors").unlink()
