@@ -409,8 +409,10 @@ def generator_hinge(disc: nn.Module, recon: Tensor) -> Tensor:
 
 
 def discriminator_hinge(disc: nn.Module, video: Tensor, recon: Tensor) -> Tensor:
-    """Hinge loss of the discriminator: real frames above +1, reconstructed ones below -1."""
-    return F.relu(1.0 - disc(video)).mean() + F.relu(1.0 + disc(recon.detach())).mean()
+    """Hinge loss of the discriminator: real frames above +1, reconstructed ones below -1. Both go through
+    one forward (a data-parallel wrapper expects one forward per backward)."""
+    real, fake = disc(torch.cat([video, recon.detach().to(video.dtype)])).chunk(2)
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
 
 
 GUIDES = ("pool", "quadrants", "colour")
