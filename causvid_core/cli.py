@@ -213,6 +213,25 @@ def _vae_path(settings: dict) -> Path:
     return path
 
 
+def _load_text_encoder(path: str, tokenizer: str | None, device: torch.device):
+    """umT5 (Wan), or the Shapes encoder an embedded model ships as text.safetensors: a training checkpoint
+    of the Shapes preset (runs/shapes/dmd/final.safetensors) renders with it."""
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+        if {"token_embedding", "position_embedding"} <= {k.split(".")[0] for k in keys}:
+            from safetensors.torch import load_file
+
+            from .text import ShapesTextEncoder
+
+            return ShapesTextEncoder.from_state_dict(load_file(path))
+    from .umt5 import UMT5TextEncoder
+
+    return UMT5TextEncoder.load(path, tokenizer, device=device)
+
+
 def _device(name: str | None) -> torch.device:
     if not name or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,11 +256,10 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
     if encoder is None:
         if not settings.get("text_encoder"):
             raise ValueError(
-                f"{settings['model']} has no text encoder of its own: pass --text-encoder umt5.safetensors"
+                f"{settings['model']} has no text encoder of its own: pass --text-encoder umt5.safetensors "
+                "(a Wan model) or the text.safetensors of the embedded model it was trained with (Shapes)"
             )
-        from .umt5 import UMT5TextEncoder
-
-        encoder = UMT5TextEncoder.load(settings["text_encoder"], settings.get("tokenizer"), device=dev)
+        encoder = _load_text_encoder(settings["text_encoder"], settings.get("tokenizer"), dev)
     fps = settings.get("fps") or bundle.fps
     width, height = _natural_size(bundle)
     width, height = settings.get("width") or width, settings.get("height") or height

@@ -185,3 +185,22 @@ def test_speed_options_render_the_reference_video(env, tmp_path: Path) -> None:
     assert main(render_args(fast, "--quiet", "--speed", "ring,fused_qkv", frames=57)) == 0
     a, b = read_video(ref), read_video(fast)
     assert len(a) == len(b) and psnr(a, b) > 45
+
+
+def test_a_training_checkpoint_renders_with_its_shapes_text_encoder(env, embedded_root: Path, tmp_path: Path,
+                                                                   capsys) -> None:  # fmt: skip
+    """A Shapes student straight from training/ (a bare checkpoint, no text encoder of its own) renders with
+    the embedded model's text.safetensors as --text-encoder; without one the error names both kinds."""
+    folder = embedded_root / "shapes"
+    out = tmp_path / "ckpt.mp4"
+    base = ["render", "--model", str(folder / "dit.safetensors"), "--vae", str(folder / "vae.safetensors"),
+            "--prompt", PROMPT, "--frames", "9", "--out", str(out), "--width", "32", "--height", "32",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(base) == 2
+    assert re.search(r"no text encoder of its own: pass --text-encoder umt5\.safetensors.*text\.safetensors",
+                     capsys.readouterr().err)  # fmt: skip
+    assert not out.exists()
+    assert main([*base, "--text-encoder", str(folder / "text.safetensors")]) == 0
+    same = tmp_path / "embedded.mp4"  # the same weights named as embedded:shapes: the same video
+    assert main(render_args(same, "--quiet", frames=9)) == 0
+    assert probe_video(out).frames == 9 and np.array_equal(read_video(out), read_video(same))
