@@ -219,14 +219,11 @@ def _load_text_encoder(path: str, tokenizer: str | None, device: torch.device):
     if Path(path).suffix == ".safetensors" and Path(path).is_file():
         from safetensors import safe_open
 
+        from .text import ShapesTextEncoder
+
         with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-        if {"token_embedding", "position_embedding"} <= {k.split(".")[0] for k in keys}:
-            from safetensors.torch import load_file
-
-            from .text import ShapesTextEncoder
-
-            return ShapesTextEncoder.from_state_dict(load_file(path))
+            if set(f.keys()) == ShapesTextEncoder.STATE_KEYS:
+                return ShapesTextEncoder.from_state_dict({k: f.get_tensor(k) for k in f.keys()})
     from .umt5 import UMT5TextEncoder
 
     return UMT5TextEncoder.load(path, tokenizer, device=device)

@@ -94,6 +94,8 @@ def _token_table(vocab_size: int, dim: int, seed: int) -> Tensor:
 class ShapesTextEncoder:
     """Fixed word-embedding encoder over the Shapes vocabulary: [B, text_len, text_dim], zero padded."""
 
+    STATE_KEYS = frozenset({"token_embedding", "position_embedding"})  # state_dict() / text.safetensors
+
     vocab: tuple[str, ...] = SHAPES_VOCAB
 
     def __init__(self, text_dim: int, text_len: int = 16, seed: int = 0) -> None:
@@ -137,7 +139,7 @@ class ShapesTextEncoder:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> ShapesTextEncoder:
         """Rebuild an encoder from ``state_dict()``, checking every key and shape."""
-        expected = {"token_embedding", "position_embedding"}
+        expected = cls.STATE_KEYS
         if set(state) != expected:
             raise ValueError(
                 f"ShapesTextEncoder state has keys {sorted(state)}, expected {sorted(expected)} "

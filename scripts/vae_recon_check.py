@@ -52,10 +52,10 @@ def main() -> None:
         rec_scores.append(score_video(rec_u8, prompt))
         psnrs.append(psnr(video, rec_u8))
         sq_err.append(((video.astype(np.float64) - rec_u8) ** 2).mean(axis=(1, 2, 3)))  # per frame
-        background = np.median(video[0].reshape(-1, 3), axis=0)
-        gt_fill, rec_fill = fills.setdefault(parse_prompt(prompt).shape, ([], []))
-        gt_fill.append(frame_stats(video, background).fill)
-        rec_fill.append(frame_stats(rec_u8, background).fill)
+        parsed = parse_prompt(prompt)  # segmented against the prompt's background, as score_video does
+        gt_fill, rec_fill = fills.setdefault(parsed.shape, ([], []))
+        gt_fill.append(frame_stats(video, parsed.background_rgb).fill)
+        rec_fill.append(frame_stats(rec_u8, parsed.background_rgb).fill)
     for name, scores in (("ground truth", gt_scores), ("reconstructed", rec_scores)):
         mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         print(f"{name:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in mean.items()))

@@ -98,6 +98,12 @@ def evaluate(
     return score_items(items, drift=drift, window_s=window_s, background=background, on_video=on_video)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
 class _Progress:
     """After each video: one line on stderr (count, its figures, elapsed time) and, with ``--json``, the
     figures so far written there with ``"partial": true``, so a long evaluation stopped part-way keeps
@@ -113,9 +119,7 @@ class _Progress:
         print(f"[{len(videos)}{of}] {v['name']} {v['prompt']!r}: {figs} (text / temporal / frame), "
               f"{time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         if self.json_path is not None:
-            self.json_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = {"partial": True, "summary": _mean_dicts(videos), "videos": videos}
-            self.json_path.write_text(json.dumps(partial, indent=2))
+            _write_json(self.json_path, {"partial": True, "summary": _mean_dicts(videos), "videos": videos})
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
@@ -389,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{key:20s} {row['base']:7.1f} {row['new']:7.1f} {row['difference']:+9.1f} "
                   f"{row['standard_error']:6.1f}")  # fmt: skip
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"paired": paired}, indent=2))
+            _write_json(args.json, {"paired": paired})
         return {"paired": paired}
     background = "estimate" if args.estimate_background else None
     if args.videos is not None:
@@ -420,8 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        _write_json(args.json, result)
     if drift:
         plot_drift(result["drift"], args.drift)
     return result
