@@ -185,6 +185,13 @@ class VAETrainConfig(RunConfig):
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise
     # per channel (a DiT's latents lie off the encoder's; a decoder fitted to the encoder's alone breaks them up)
     latent_noise: float = 0.0
+    # channels the decoder sees without that noise, e.g. '0-2': the pooled colour a --guide colour VAE keeps
+    # there is read as brightness, so noise on it teaches a decoder to paint a black background grey
+    clean_channels: str = ""
+    # decoder fine-tune only: each clip's latents also move by one offset per channel (the same over every frame
+    # and place), this many of the init's latent stds: a DiT's latents drift off the encoder's as a whole, and a
+    # decoder never shown that turns a slightly-off black background grey a second into a long video
+    latent_shift: float = 0.0
     # adversarial term: a patch discriminator (final_disc.safetensors) tells the reconstruction's frames from
     # the clip's, and the decoder pays this weight x its hinge loss. Pixel losses average a corner the
     # decoder is unsure of into a curve (every shape comes back a circle); this asks for edges that look real

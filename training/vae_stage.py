@@ -278,6 +278,21 @@ def train_temporal_only(vae: WanVAE) -> int:
     return count
 
 
+def channel_list(spec: str, z_dim: int, flag: str) -> list[int]:
+    """'0-2,5' -> [0, 1, 2, 5]; every channel must exist (< ``z_dim``); '' -> []."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"{flag} {spec!r}: give channels as numbers and ranges, like '0-2' or '0,1,5'") from None
+        if not 0 <= first <= last < z_dim:
+            raise ConfigError(f"{flag} {spec!r}: {part} is not a range of channels 0-{z_dim - 1}")
+        out.extend(range(first, last + 1))
+    return out
+
+
 def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     state = VAEStreamState("decode")
     return vae.decoder(vae.conv2(z, state), state)
@@ -583,6 +598,15 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     noise_std = None  # [1, C, 1, 1, 1]: --latent-noise in raw latent units
     if cfg.latent_noise > 0:
         noise_std = cfg.latent_noise * torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
+        noise_std[:, channel_list(cfg.clean_channels, cfg.arch.z_dim, "--clean-channels")] = 0.0
+    elif cfg.clean_channels:
+        raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
+                          "give --latent-noise too")  # fmt: skip
+    if cfg.latent_shift < 0 or (cfg.latent_shift > 0 and not cfg.decoder_only):
+        raise ConfigError(f"--latent-shift {cfg.latent_shift}: a decoder fine-tune's per-clip offset in units of "
+                          "its init's latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
+    shift_std = cfg.latent_shift * torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1) \
+        if cfg.latent_shift > 0 else None  # fmt: skip
     # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
     # never uses the guide (guide_weight)
     image_steps = 0 if cfg.decoder_only else cfg.image_steps
@@ -662,6 +686,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)
         eps = randn(lat, gen, dev)
         extra = None if noise_std is None else noise_std * randn(lat, gen, dev)
+        if shift_std is not None:  # one offset per clip and channel
+            shift = shift_std * randn((batch, cfg.arch.z_dim, 1, 1, 1), gen, dev)
+            extra = shift if extra is None else extra + shift
         with dist.autocast(ctx, cfg.amp):
             loss, parts, recon = vae_loss_and_recon(model.module if hasattr(model, "module") else model,
                                                     video, eps, cfg, guide_weight(step, cfg), shapes, extra,

@@ -487,6 +487,33 @@ def test_latent_noise_is_in_units_of_the_stored_latent_stds_and_needs_a_decoder_
     assert len(seen) == 3 and torch.allclose(noise.std(1), 0.5 * std, rtol=0.15)
     assert not torch.equal(seen[0], seen[1])  # fresh noise every step
 
+    # --clean-channels: those channels reach the decoder as the encoder made them, the rest keep their noise
+    seen.clear()
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "2", "decoder_only": "true",
+                                                   "latent_noise": "0.5", "clean_channels": "0-1,3",
+                                                   "out_dir": str(tmp_path / "clean")}))  # fmt: skip
+    noise = torch.cat([n.transpose(0, 1).reshape(len(std), -1) for n in seen], 1)
+    assert len(seen) == 2 and noise[[0, 1, 3]].abs().max() == 0
+    assert torch.allclose(noise[[2, *range(4, len(std))]].std(1), 0.5 * std[[2, *range(4, len(std))]], rtol=0.2)
+    for bad, match in (("0-99", "not a range of channels 0-"), ("red", "numbers and ranges")):
+        with pytest.raises(ConfigError, match=match):
+            distill.run("vae", make_config("vae", "tiny", {**base, "steps": "1", "decoder_only": "true",
+                                                           "latent_noise": "0.5", "clean_channels": bad}))
+    with pytest.raises(ConfigError, match="give --latent-noise too"):
+        distill.run("vae", make_config("vae", "tiny", {**base, "steps": "1", "decoder_only": "true",
+                                                       "clean_channels": "0-2"}))
+
+    # --latent-shift: one offset per clip and channel, the same over every frame and place, S latent stds
+    seen.clear()
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "3", "decoder_only": "true", "batch_size": "8",
+                                                   "latent_shift": "0.5", "out_dir": str(tmp_path / "shift")}))
+    shift = torch.cat(seen)  # [clips, C, f, h, w]
+    assert torch.equal(shift, shift[:, :, :1, :1, :1].expand_as(shift)) and shift.abs().min() > 0
+    scaled = shift[:, :, 0, 0, 0] / std  # [clips, C]
+    assert scaled.shape[0] == 24 and abs(float(scaled.std()) - 0.5) < 0.075
+    with pytest.raises(ConfigError, match="--latent-shift.*--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {"latent_shift": "0.5", "steps": "1"}))
+
 
 def test_a_clip_run_chained_onto_frame_runs_starts_from_inflated_temporal_layers(tmp_path, monkeypatch) -> None:
     """A VAE trained on frames in one run and on clips in the next (--init A --image-steps 0) must enter
