@@ -10,7 +10,8 @@ PY=${PYTHON:-python}
 RUNS=${RUNS:-runs}
 RUN="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
-VAE="$RUN/vae/final.safetensors"
+VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder (version 6); the VAE stage's own before it
+[ -f "$VAE" ] || VAE="$RUN/vae/final.safetensors"
 OUT="$RUN/eval"
 PROMPTS=${PROMPTS:-64}
 DRIFT_PROMPTS=${DRIFT_PROMPTS:-12}
@@ -20,12 +21,13 @@ NPROC=${NPROC:-2}  # ranks of one thread each, as scripts/train_shapes.sh
 PORT=${PORT:-29512}
 source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 
-# Ablation trainings. The recipe (version 5) already made the causal teacher (fine-tuned from the
-# bidirectional one) and the student distilled from it (ODE init + causal teacher, shipped).
+# Ablation trainings. The recipe (versions 5 and 6) already made the causal teacher (fine-tuned from the
+# bidirectional one) and the student initialised on its ODE pairs (shipped in version 6).
 stage ode-pairs                                                   # the bidirectional teacher's pairs
 stage ode-init --resume                                           # ODE init only
 stage dmd --resume                                                # ODE init + bidirectional teacher
 stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
+stage dmd --teacher-kind causal --resume                          # ODE init + causal teacher: the paper's method
 # EQUAL_BUDGET=1: also a causal teacher from scratch with the bidirectional teacher's budget (7000 + 3500
 # steps, about 80 min; version 3's comparison in docs/reproduction.md)
 if [ "${EQUAL_BUDGET:-0}" = 1 ]; then
@@ -49,19 +51,22 @@ ev table4-ode-init --model "$RUN/ode-init/final.safetensors" --prompts "$PROMPTS
 ev table4-ode-init-causal --model "$RUN/ode-init-causal-teacher/final.safetensors" --prompts "$PROMPTS" \
    --seconds 2.0625
 ev table4-bidirectional-dmd --model "$RUN/dmd/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
-ev table4-ours --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
+ev table4-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$PROMPTS" --seconds 2.0625
 
 # Figure 8: the three figures per 5 s window over 2 minutes.
 ev drift-teacher --teacher "$RUN/teacher/final.safetensors" --teacher-steps 20 --prompts "$DRIFT_PROMPTS" \
    --seconds 120 --drift "$OUT/drift-teacher.png"
-ev drift-ours --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" \
+ev drift-ours --model "$RUN/ode-init-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" \
    --seconds 120 --drift "$OUT/drift-ours.png"
 ev drift-bidirectional-dmd --model "$RUN/dmd/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
    --drift "$OUT/drift-bidirectional-dmd.png"
+ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompts "$DRIFT_PROMPTS" --seconds 120 \
+   --drift "$OUT/drift-causal-dmd.png"
 "$PY" -m training.eval --compare "$OUT/drift-teacher.json=bidirectional teacher, sliding windows" \
-   "$OUT/drift-ours.json=ODE init + causal teacher (ours)" \
+   "$OUT/drift-ours.json=ODE init from the causal teacher (ours, shipped)" \
+   "$OUT/drift-causal-dmd.json=ODE init + causal teacher (DMD)" \
    "$OUT/drift-bidirectional-dmd.json=ODE init + bidirectional teacher" --drift "$OUT/figure8.png"
 
 # Zero-shot applications of ours.
-"$PY" -m training.zero_shot --model "$RUN/dmd-causal-teacher/final.safetensors" --vae "$VAE" \
+"$PY" -m training.zero_shot --model "$RUN/ode-init-causal-teacher/final.safetensors" --vae "$VAE" \
    --json "$OUT/zero-shot.json"

@@ -1,4 +1,4 @@
-# Sourced by the recipe scripts (train_shapes.sh, train_shapes_next.sh, reproduce_shapes.sh): `stage STAGE
+# Sourced by the recipe scripts (train_shapes.sh, reproduce_shapes.sh): `stage STAGE
 # ...` runs `python -m training.distill STAGE ... ${COMMON[@]}` on $NPROC ranks of one thread each
 # (torchrun on 127.0.0.1:$PORT), or in one process when NPROC is 1. Needs PY, NPROC, PORT and COMMON.
 LAUNCH=("$PY")

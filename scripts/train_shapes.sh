@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded Shapes model's recipe, stage by stage (docs/reproduction.md). Every stage resumes where
-# it stopped when the script is run again (--resume; finished shards are skipped), so an interrupted
-# run loses at most the steps since its last checkpoint.
+# it stopped when the script is run again (--resume; finished runs and shards are skipped), so an
+# interrupted run loses at most the steps since its last checkpoint.
 #
 #   bash scripts/train_shapes.sh            # runs/shapes/..., then ships causvid_core/embedded/shapes
 #   RUNS=/data/runs bash scripts/train_shapes.sh
@@ -9,31 +9,62 @@
 # The VAE trains in one process (all threads); the later stages run data parallel on NPROC ranks of one
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
+#
+# Version 6: a VAE whose latent carries the prompt's colour, shape and direction where the object is
+# (four runs, about 64 min) and its decoder fine-tuned for a DiT's latents (12 min), then the bidirectional
+# teacher (7000 steps), a causal teacher fine-tuned from it in two runs, and the student distilled from
+# the causal teacher by ODE initialisation (its ODE pairs, then regression onto them).
+# Version 5's recipe: git show e2afd24:scripts/train_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUNS=${RUNS:-runs}
 NPROC=${NPROC:-2}
+V="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
-LATENTS="$RUNS/shapes/latents"
+LATENTS="$V/latents"
 PORT=${PORT:-29511}
 source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
+finished() { [ -f "$1/final.safetensors" ]; }
+vae() {  # one VAE run into $1, skipped once finished (its final file carries the latent statistics)
+  local out=$1; shift
+  if finished "$out"; then echo "== $out: finished" >&2; return; fi
+  echo "== vae -> $out" >&2
+  "$PY" -m training.distill vae "${COMMON[@]}" --out-dir "$out" --resume "$@"
+}
 
-one() { echo "== $*" >&2; "$PY" -m training.distill "$@" "${COMMON[@]}"; }
+# the VAE: two frame runs (the colour guide, then the cell colours weighted up), the code phase on frames
+# (shape and colour coded into latent channels 3-5 and 8-10), then one 9-frame clip phase with all three
+# codes (direction in channels 6-7)
+C=(--mask-weight 1 --guide colour --stats-samples 16)
+vae "$V/vae-images" "${C[@]}" --steps 800 --image-steps 800 --lr 2e-4 --guide-steps 800
+vae "$V/vae-colour" "${C[@]}" --init "$V/vae-images/final.safetensors" --steps 300 --image-steps 300 --lr 2e-4 \
+    --lr-warmup 20 --guide-steps 300 --colour-weight 10
+S=(--mask-weight 1 --guide colour --colour-weight 10 --lr-warmup 50 --stats-samples 16 --skip-grad-norm 1000)
+M=(--shape-weight 3 --motion-weight 3 --object-colour-weight 1 --colour-code-weight 3)
+vae "$V/vae-code" "${S[@]}" --shape-weight 10 --colour-code-weight 10 --init "$V/vae-colour/final.safetensors" \
+    --steps 1500 --image-steps 1500 --guide-steps 1500 --lr 2e-4
+vae "$V/vae" "${S[@]}" "${M[@]}" --init "$V/vae-code/final.safetensors" --steps 1500 --image-steps 0 \
+    --guide-steps 1500 --lr 1e-4   # frames-only init: the temporal layers are inflated at step 0
+# the decoder (encoder frozen: the latents stay the same) fine-tuned on 17-frame clips whose latents carry
+# half a latent std of noise on every channel but the pooled colour (0-2), and one offset per clip and
+# channel of 0.3 stds: a DiT's latents lie off the encoder's, and a decoder never shown that breaks the
+# object into pieces or paints a black background grey a second into a long video. Shipped as vae.safetensors
+vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 300 --lr 5e-5 --lr-warmup 20 \
+    --latent-noise 0.5 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 1 --colour-weight 10 \
+    --object-colour-weight 1 --guide-steps 0 --image-steps 0
 
-one vae --resume
-stage precompute
-# the teacher in two runs (version 3): version 1's 7000 steps, then 3500 more from its weights at lr 2e-4
-stage teacher --data "$LATENTS" --out-dir "$RUNS/shapes/teacher-base" --resume
-stage teacher --data "$LATENTS" --init "$RUNS/shapes/teacher-base/final.safetensors" --steps 3500 --lr 2e-4 --resume
-# versions 4-5: a causal teacher fine-tuned from the bidirectional one, and the student distilled from it
-# (its own ODE pairs and ODE init; DMD's critic mirrors it). Version 5: the causal teacher in two runs,
-# 3500 steps at lr 2e-4 into teacher-causal-base, then 3500 more at 1e-4 into teacher-causal
-stage teacher --kind causal --data "$LATENTS" --init "$RUNS/shapes/teacher/final.safetensors" --steps 3500 --lr 2e-4 \
-      --out-dir "$RUNS/shapes/teacher-causal-base" --resume
-stage teacher --kind causal --data "$LATENTS" --init "$RUNS/shapes/teacher-causal-base/final.safetensors" --steps 3500 \
-      --lr 1e-4 --resume
+# the DiT: latents, the bidirectional teacher, the causal teacher in two runs (the first into
+# teacher-causal-base, the second into teacher-causal, where the later stages look for it), ODE pairs
+# and ODE init from the causal teacher
+[ -f "$LATENTS/.complete" ] || { stage precompute; touch "$LATENTS/.complete"; }
+finished "$V/teacher" || stage teacher --data "$LATENTS" --resume
+finished "$V/teacher-causal-base" || stage teacher --kind causal --data "$LATENTS" \
+    --init "$V/teacher/final.safetensors" --steps 3500 --lr 2e-4 --out-dir "$V/teacher-causal-base" --resume
+finished "$V/teacher-causal" || stage teacher --kind causal --data "$LATENTS" \
+    --init "$V/teacher-causal-base/final.safetensors" --steps 3500 --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
-stage dmd --teacher-kind causal --resume
-"$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit dmd-causal-teacher --teacher teacher-causal
+# version 6 ships the ODE-init student: on this VAE and teacher, DMD after it lowers every figure
+# (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
+"$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal

@@ -113,3 +113,11 @@ def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> 
         assert json.loads(f.metadata()["causvid_training"])["kind"] == "causal"
     with pytest.raises(ValueError, match="run the 'teacher-base' stage first"):
         export(run, out, teacher_stage="teacher-base")
+
+    # version 6 ships the ODE-init student: its card ends the chain there (the DMD run after it is a Table 4 row)
+    (run / "ode-init-causal-teacher").mkdir()
+    shutil.copy(run / "teacher-causal" / "final.safetensors", run / "ode-init-causal-teacher" / "final.safetensors")
+    export(run, out, dit_stage="ode-init-causal-teacher", teacher_stage="teacher-causal")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "<summary>ode-init-causal-teacher</summary>" in card and "<summary>teacher-causal</summary>" in card
+    assert "<summary>dmd-causal-teacher</summary>" not in card
