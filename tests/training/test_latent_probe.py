@@ -41,18 +41,24 @@ def test_probe_names_a_linear_label_and_not_a_random_one() -> None:
     assert lp.probe_accuracy(x, noise, train) < 0.45  # chance is 1/3
 
 
-def test_the_shipped_vae_keeps_the_colour_where_the_object_is() -> None:
+def test_the_shipped_vae_codes_colour_shape_and_direction_where_the_object_is() -> None:
+    """What the DiT writes (version 6's code VAE): the object's cells name its colour and shape in every
+    latent frame, and its direction in every frame after the first (a still has none)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: one thread is faster beside another busy process
     try:
         vae = load_wan_vae(embedded_file("shapes", "vae")).eval()
-        out = lp.probe(vae, clips=24, frames=9)
+        encoded = lp.encode_clips(vae, 24, 9)
+        codes = lp.code_accuracy(vae, encoded=encoded)
+        out = lp.probe(vae, encoded=encoded)
     finally:
         torch.set_num_threads(threads)
+    assert len(codes["colour"]) == 3  # latent frames of a 9-frame clip
+    assert min(codes["colour"]) >= 95 and min(codes["shape"]) >= 95 and min(codes["direction"][1:]) >= 95
     assert out["cells"] > 24  # every clip has object cells after its first latent frame
-    assert out["colour"]["probe"] >= 80 and out["colour"]["between"] > 5 * out["shape"]["between"]
     for name in lp.ATTRIBUTES:
         assert out[name]["between"] + out[name]["within"] == pytest.approx(out["total_variance"], rel=1e-4)
+    assert out["shape"]["probe"] >= 90 and out["background"]["between"] < out["shape"]["between"]
 
 
 def test_read_codes_names_what_the_object_cells_say_and_ignores_the_rest() -> None:
