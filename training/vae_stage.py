@@ -595,9 +595,11 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.latent_noise < 0 or (cfg.latent_noise > 0 and not cfg.decoder_only):
         raise ConfigError(f"--latent-noise {cfg.latent_noise}: a decoder fine-tune's noise in units of its init's "
                           "latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
-    noise_std = None  # [1, C, 1, 1, 1]: --latent-noise in raw latent units
+    # the init's per-channel latent std [1, C, 1, 1, 1]: the unit of --latent-noise and --latent-shift
+    init_std = None if init_stats is None else torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
+    noise_std = None  # --latent-noise in raw latent units
     if cfg.latent_noise > 0:
-        noise_std = cfg.latent_noise * torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
+        noise_std = cfg.latent_noise * init_std
         noise_std[:, channel_list(cfg.clean_channels, cfg.arch.z_dim, "--clean-channels")] = 0.0
     elif cfg.clean_channels:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
@@ -605,8 +607,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.latent_shift < 0 or (cfg.latent_shift > 0 and not cfg.decoder_only):
         raise ConfigError(f"--latent-shift {cfg.latent_shift}: a decoder fine-tune's per-clip offset in units of "
                           "its init's latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
-    shift_std = cfg.latent_shift * torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1) \
-        if cfg.latent_shift > 0 else None  # fmt: skip
+    shift_std = cfg.latent_shift * init_std if cfg.latent_shift > 0 else None
     # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
     # never uses the guide (guide_weight)
     image_steps = 0 if cfg.decoder_only else cfg.image_steps
