@@ -592,9 +592,11 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             raise ConfigError(
                 f"{init_path} has no latent statistics: fine-tune the decoder of a finished vae run"
             )
-    if cfg.latent_noise < 0 or (cfg.latent_noise > 0 and not cfg.decoder_only):
-        raise ConfigError(f"--latent-noise {cfg.latent_noise}: a decoder fine-tune's noise in units of its init's "
-                          "latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
+    for flag, value, what in (("--latent-noise", cfg.latent_noise, "noise"),
+                              ("--latent-shift", cfg.latent_shift, "per-clip offset")):  # fmt: skip
+        if value < 0 or (value > 0 and not cfg.decoder_only):
+            raise ConfigError(f"{flag} {value}: a decoder fine-tune's {what} in units of its init's latent stds; "
+                              "use a value >= 0 with --decoder-only true")  # fmt: skip
     # the init's per-channel latent std [1, C, 1, 1, 1]: the unit of --latent-noise and --latent-shift
     init_std = None if init_stats is None else torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
     noise_std = None  # --latent-noise in raw latent units
@@ -604,9 +606,6 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     elif cfg.clean_channels:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
                           "give --latent-noise too")  # fmt: skip
-    if cfg.latent_shift < 0 or (cfg.latent_shift > 0 and not cfg.decoder_only):
-        raise ConfigError(f"--latent-shift {cfg.latent_shift}: a decoder fine-tune's per-clip offset in units of "
-                          "its init's latent stds; use a value >= 0 with --decoder-only true")  # fmt: skip
     shift_std = cfg.latent_shift * init_std if cfg.latent_shift > 0 else None
     # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
     # never uses the guide (guide_weight)
