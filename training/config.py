@@ -192,6 +192,11 @@ class VAETrainConfig(RunConfig):
     # and place), this many of the init's latent stds: a DiT's latents drift off the encoder's as a whole, and a
     # decoder never shown that turns a slightly-off black background grey a second into a long video
     latent_shift: float = 0.0
+    # decoder fine-tune only: this share of clips is decoded from latents whose shape code (channels 3-5) is that
+    # of the same video drawn as another shape, every other channel the original's, and must come out as that
+    # other video. The other channels carry a blurred outline common to all three shapes; a decoder that reads
+    # the shape from them draws every shape as that blob, and this makes it draw the shape the code names
+    code_swap: float = 0.0
     # adversarial term: a patch discriminator (final_disc.safetensors) tells the reconstruction's frames from
     # the clip's, and the decoder pays this weight x its hinge loss. Pixel losses average a corner the
     # decoder is unsure of into a curve (every shape comes back a circle); this asks for edges that look real

@@ -10,6 +10,7 @@ same video. The vocabulary and palette come from ``causvid_core.text`` (the sing
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -283,12 +284,23 @@ class ShapesDataset:
     def __init__(self, num_frames: int, size: int = 64, seed: int = 0) -> None:
         self.num_frames, self.size, self.seed = num_frames, size, seed
 
-    def sample(self, index: int) -> tuple[Tensor, str]:
-        """Clip ``index``: (float32 [3, F, H, W] in -1..1, prompt)."""
+    def _draw(self, index: int) -> tuple[str, int]:
+        """(prompt, video seed) of clip ``index``."""
         rng = np.random.default_rng([self.seed, index])
         prompt = random_prompt(rng)
-        video_seed = int(rng.integers(2**31))
+        return prompt, int(rng.integers(2**31))
+
+    def sample(self, index: int) -> tuple[Tensor, str]:
+        """Clip ``index``: (float32 [3, F, H, W] in -1..1, prompt)."""
+        prompt, video_seed = self._draw(index)
         return to_model_range(render_video(prompt, video_seed, self.num_frames, self.size)), prompt
+
+    def sample_as(self, index: int, shape: str) -> tuple[Tensor, str]:
+        """Clip ``index`` with its object drawn as ``shape``: the same colour, background, start, direction
+        and speed (the position depends only on the video seed), so only the shape differs."""
+        prompt, video_seed = self._draw(index)
+        twin = dataclasses.replace(parse_prompt(prompt), shape=shape)
+        return to_model_range(render_video(twin, video_seed, self.num_frames, self.size)), twin.text
 
     def batch(self, step: int, batch_size: int) -> tuple[Tensor, list[str]]:
         """Batch of training step ``step``: samples [step * B, (step + 1) * B) -> ([B, 3, F, H, W], prompts)."""

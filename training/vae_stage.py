@@ -311,7 +311,7 @@ def vae_loss(
 def vae_loss_and_recon(
     vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
     shapes: Tensor | None = None, latent_noise: Tensor | None = None, directions: Tensor | None = None,
-    colours: Tensor | None = None, disc: nn.Module | None = None,
+    colours: Tensor | None = None, disc: nn.Module | None = None, outline: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """Total loss, its parts and the reconstruction of one batch; ``eps`` is the posterior noise (seeded by the step);
     ``shapes`` [B] the index of each clip's shape (``SHAPE_NAMES``), needed by ``--shape-weight``;
@@ -319,12 +319,18 @@ def vae_loss_and_recon(
     ``directions`` [B, 2] each clip's direction of motion (x, y), needed by ``--motion-weight``.
     ``colours`` [B, 3] each clip's object colour (-1..1), needed by ``--colour-code-weight``.
     ``disc`` the patch discriminator, needed by ``--adv-weight`` (its weights get no gradient here).
+    ``outline`` (``--code-swap``): clips whose latents give every channel but the shape code (channels 3-5,
+    which come from ``video``); the decoder must still draw ``video``.
 
     ``guide`` > 0 adds the pooled-colour guide (see ``guide_weight``): the encoder's means regress onto
     a fixed 8x8-pooled, 16-channel lift of the frames, and the decoder also reconstructs from that lift.
     """
     mu, logvar = posterior(vae, video)
     z = mu + torch.exp(0.5 * logvar) * eps
+    if outline is not None:
+        mu_o, logvar_o = posterior(vae, outline)
+        z_o = mu_o + torch.exp(0.5 * logvar_o) * eps
+        z = torch.cat([z_o[:, : SHAPE_CHANNELS.start], z[:, SHAPE_CHANNELS], z_o[:, SHAPE_CHANNELS.stop :]], 1)
     if latent_noise is not None:
         z = z + latent_noise
     recon = reconstruct(vae, z)
@@ -607,6 +613,12 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
                           "give --latent-noise too")  # fmt: skip
     shift_std = cfg.latent_shift * init_std if cfg.latent_shift > 0 else None
+    if not 0 <= cfg.code_swap <= 1 or (cfg.code_swap > 0 and not cfg.decoder_only):
+        raise ConfigError(f"--code-swap {cfg.code_swap}: the share of a decoder fine-tune's clips decoded with "
+                          "another shape's code; use a value in 0..1 with --decoder-only true")  # fmt: skip
+    if cfg.code_swap > 0 and cfg.arch.z_dim < SHAPE_CHANNELS.stop:
+        raise ConfigError(f"--code-swap swaps the shape code in latent channels 3-5: --arch.z-dim {cfg.arch.z_dim} "
+                          "has no such channels")  # fmt: skip
     # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
     # never uses the guide (guide_weight)
     image_steps = 0 if cfg.decoder_only else cfg.image_steps
@@ -665,6 +677,14 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if cfg.data_size:  # cycle over a fixed set (small reproducible runs)
             first %= cfg.data_size
         items = [data.sample(first + k) for k in range(batch)]
+        outline = None
+        if cfg.code_swap > 0:  # some clips become their twin of another shape, decoded from the original's outline
+            pick = np.random.default_rng([cfg.seed, step, ctx.rank, 7])
+            outline = torch.stack([v for v, _ in items]).to(dev)
+            for k, (_, prompt) in enumerate(items):
+                if pick.random() < cfg.code_swap:
+                    others = [s for s in SHAPE_NAMES if s != parse_prompt(prompt).shape]
+                    items[k] = data.sample_as(first + k, others[int(pick.integers(len(others)))])
         video = torch.stack([v for v, _ in items]).to(dev)
         # each clip's shape, direction and colour, read from its prompt only for the latent codes
         coded = cfg.shape_weight > 0 or cfg.motion_weight > 0 or cfg.colour_code_weight > 0
@@ -692,7 +712,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         with dist.autocast(ctx, cfg.amp):
             loss, parts, recon = vae_loss_and_recon(model.module if hasattr(model, "module") else model,
                                                     video, eps, cfg, guide_weight(step, cfg), shapes, extra,
-                                                    directions, colours, disc_raw)  # fmt: skip
+                                                    directions, colours, disc_raw, outline)  # fmt: skip
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift

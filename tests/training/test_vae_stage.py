@@ -609,3 +609,54 @@ def test_a_decoder_fine_tune_with_the_adversarial_term_resumes_with_its_discrimi
     load_wan_vae(tmp_path / "a" / "final.safetensors")  # still an ordinary VAE file
     with pytest.raises(ConfigError, match="--adv-weight -1"):
         distill.run("vae", make_config("vae", "tiny", {**tune, "adv_weight": "-1", "out_dir": str(tmp_path / "c")}))
+
+
+def test_code_swap_decodes_the_twin_of_another_shape_from_the_originals_outline(tmp_path, monkeypatch) -> None:
+    """``--code-swap P``: that share of a decoder fine-tune's clips must come out as the same video drawn as
+    another shape (same colour, background, start and direction), decoded from latents whose shape code
+    (channels 3-5) is the twin's and whose other channels are the original's. A decoder that reads the shape
+    from the outline in the other channels draws every shape as a blob; this is what makes it read the code."""
+    from training import vae_stage
+    from training.metrics import frame_stats, wrapped
+    from training.shapes import ShapesDataset, parse_prompt
+
+    data = ShapesDataset(5, 32, seed=3)
+    video, prompt = data.sample(0)
+    p = parse_prompt(prompt)
+    other = next(s for s in ("circle", "square", "triangle") if s != p.shape)
+    twin, twin_prompt = data.sample_as(0, other)
+    q = parse_prompt(twin_prompt)
+    assert (q.shape, q.colour, q.direction, q.background) == (other, p.colour, p.direction, p.background)
+    u8 = [v.permute(1, 2, 3, 0).add(1).mul(127.5).round().byte().numpy() for v in (video, twin)]
+    a, b = (frame_stats(x, p.background_rgb) for x in u8)
+    assert np.abs(wrapped(a.centroid - b.centroid, 32)).max() < 0.6  # the same place in every frame
+    assert not torch.equal(video, twin)
+
+    # the latent the decoder sees: shape code from the twin, everything else from the original
+    vae = WanVAE(make_config("vae", "tiny", {}).arch).eval()
+    eps = torch.zeros(1, vae.z_dim, 2, 4, 4)
+    seen = []
+    cfg = make_config("vae", "tiny", {})
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(vae_stage, "reconstruct", lambda _vae, z: (seen.append(z), torch.zeros_like(video[None]))[1])
+        vae_stage.vae_loss_and_recon(vae, twin[None], eps, cfg, outline=video[None])
+        mu_v, mu_t = vae_stage.posterior(vae, video[None])[0], vae_stage.posterior(vae, twin[None])[0]
+    assert torch.equal(seen[0][:, 3:6], mu_t[:, 3:6])
+    assert torch.equal(seen[0][:, :3], mu_v[:, :3]) and torch.equal(seen[0][:, 6:], mu_v[:, 6:])
+
+    # in a run: about P of the clips are swapped, each target a twin of its clip, and the outline the original
+    base = {"runs_dir": str(tmp_path), "save_every": "20", "stats_samples": "8", "clip_frames": "5", "lr_warmup": "2"}
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "4", "lr": "3e-3"}))
+    calls = []
+    real = vae_stage.vae_loss_and_recon
+    monkeypatch.setattr(vae_stage, "vae_loss_and_recon", lambda *a, **k: (calls.append((a[1], a[10])), real(*a, **k))[1])
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "3", "decoder_only": "true", "batch_size": "8",
+                                                   "code_swap": "0.5", "out_dir": str(tmp_path / "swap")}))
+    swapped = [not torch.equal(v, o) for target, outline in calls for v, o in zip(target, outline, strict=True)]
+    assert len(swapped) == 24 and 5 <= sum(swapped) <= 19
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="--code-swap"):
+            distill.run("vae", make_config("vae", "tiny", {**base, "steps": "1", "decoder_only": "true",
+                                                           "code_swap": bad}))
+    with pytest.raises(ConfigError, match="--code-swap.*--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {"code_swap": "0.5", "steps": "1"}))
