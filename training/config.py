@@ -194,8 +194,8 @@ class VAETrainConfig(RunConfig):
     latent_shift: float = 0.0
     # decoder fine-tune only: this share of clips is decoded from latents whose shape code (channels 3-5) is that
     # of the same video drawn as another shape, every other channel the original's, and must come out as that
-    # other video. The other channels carry a blurred outline common to all three shapes; a decoder that reads
-    # the shape from them draws every shape as that blob, and this makes it draw the shape the code names
+    # other video: meant to make a decoder draw the shape the code names (version 6's barely reads the code;
+    # 300 steps of this did not change that, docs/training.md)
     code_swap: float = 0.0
     # adversarial term: a patch discriminator (final_disc.safetensors) tells the reconstruction's frames from
     # the clip's, and the decoder pays this weight x its hinge loss. Pixel losses average a corner the
