@@ -633,10 +633,10 @@ def test_code_swap_decodes_the_twin_of_another_shape_from_the_originals_outline(
     assert not torch.equal(video, twin)
 
     # the latent the decoder sees: shape code from the twin, everything else from the original
-    vae = WanVAE(make_config("vae", "tiny", {}).arch).eval()
+    cfg = make_config("vae", "tiny", {})
+    vae = WanVAE(cfg.arch).eval()
     eps = torch.zeros(1, vae.z_dim, 2, 4, 4)
     seen = []
-    cfg = make_config("vae", "tiny", {})
     with monkeypatch.context() as m, torch.no_grad():
         m.setattr(vae_stage, "reconstruct", lambda _vae, z: (seen.append(z), torch.zeros_like(video[None]))[1])
         vae_stage.vae_loss_and_recon(vae, twin[None], eps, cfg, outline=video[None])
