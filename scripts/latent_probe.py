@@ -20,7 +20,7 @@ round trips of each ``--decoder`` on the same clips, and with ``--student`` besi
 first 3 latent frames read by the probe and drawn by each decoder. Measured with it (session 18): the
 probe reads motion from version 6's latents to 0.044 px (95.8) where its decoder draws it to 0.289 (76.3).
 
-    python scripts/latent_probe.py VAE --position --clips 4000 --steps 4000 --decoder VAE2 --student DIT
+    python scripts/latent_probe.py VAE --position [--clips 4000] [--steps 4000] [--decoder VAE2] [--student DIT]
 """
 
 from __future__ import annotations
@@ -225,26 +225,40 @@ def fit_position_probe(z: torch.Tensor, c: np.ndarray, steps: int, batch: int = 
 
 
 def position(vae, clips: int, steps: int, decoders: list[str], student: str | None, held_out: int = 400,
-             seed: int = 123, student_prompts: int = 64) -> dict:
-    """The ``--position`` figures: motion error of the probe and of each decoder, as (px, temporal)."""
+             seed: int = 123, student_prompts: int = 64, log=None) -> dict:
+    """The ``--position`` figures: motion error of the probe and of each decoder, as (px, temporal);
+    ``log`` (e.g. print) hears how far the long parts have got."""
     data = ShapesDataset(9, seed=seed)
     z, c, prompts = [], [], []
     for i in range(clips + held_out):
+        if log and i % 500 == 0:
+            log(f"encoding clips: {i}/{clips + held_out}")
         x, prompt = data.sample(i)
         with torch.no_grad():
             z.append(vae.encode(x[None])[0])
         c.append(centroids(x, prompt))
         prompts.append(prompt)
     z, c = torch.stack(z), np.stack(c)
+    if log:
+        log(f"fitting the probe: {steps} steps")
     probe = fit_position_probe(z[:clips], c[:clips], steps)
     test = slice(clips, None)
     out = {"probe": motion_error(probe.centroids(z[test])), "truth": motion_error(c[test])}
     decs = {path: load_wan_vae(path).eval() for path in decoders}
+
+    def drawn(dec, latents: torch.Tensor, names: list[str]) -> tuple[float, float]:
+        """The motion error of the videos a decoder draws from latents [N, C, f, h, w] (50 at a time)."""
+        cs = []
+        for a in range(0, len(latents), 50):
+            with torch.no_grad():
+                rec = dec.decode(latents[a : a + 50])
+            cs += [centroids(r, p) for r, p in zip(rec, names[a : a + 50], strict=True)]
+        return motion_error(np.stack(cs))
+
     for path, dec in decs.items():
-        with torch.no_grad():
-            rec = dec.decode(z[test])
-        out[f"round trip {path}"] = motion_error(
-            np.stack([centroids(r, p) for r, p in zip(rec, prompts[test], strict=True)]))
+        if log:
+            log(f"round trips through {path}")
+        out[f"round trip {path}"] = drawn(dec, z[test], prompts[test])
     if student:
         from causvid_core.bundle import load_bundle
         from causvid_core.pipeline import PromptTimeline, RenderRequest, render
@@ -262,17 +276,14 @@ def position(vae, clips: int, steps: int, decoders: list[str], student: str | No
         zs = torch.stack(zs)
         out["probe on the student"] = motion_error(probe.centroids(zs))
         for path, dec in decs.items():
-            with torch.no_grad():
-                rec = dec.decode(zs)
-            out[f"student through {path}"] = motion_error(
-                np.stack([centroids(r, p) for r, p in zip(rec, names, strict=True)]))
+            out[f"student through {path}"] = drawn(dec, zs, names)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("vae")
-    p.add_argument("--clips", type=int, default=96)
+    p.add_argument("--clips", type=int, default=None, help="clips encoded (default 96; --position: 4000)")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--first", type=int, default=1, help="first latent frame used (0 encodes one frame)")
     p.add_argument("--last", type=int, default=None, help="one past the last latent frame used")
@@ -286,14 +297,15 @@ def main() -> None:
     torch.manual_seed(0)
     vae = load_wan_vae(args.vae).eval()
     if args.position:
-        out = position(vae, args.clips, args.steps, [args.vae, *args.decoder], args.student)
+        out = position(vae, args.clips or 4000, args.steps, [args.vae, *args.decoder], args.student,
+                       log=lambda m: print(m, flush=True))
         for name, (px, tq) in out.items():
             print(f"{name}: motion off by {px:.3f} px, temporal quality {tq:.1f}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
         return
-    encoded = encode_clips(vae, args.clips, args.frames)  # once, for the probes and the codes
+    encoded = encode_clips(vae, args.clips or 96, args.frames)  # once, for the probes and the codes
     out = probe(vae, first=args.first, last=args.last, encoded=encoded)
     print(f"{out['cells']} object cells from {out['clips']} clips; total variance {out['total_variance']:.2f}")
     for name in ATTRIBUTES:
