@@ -31,6 +31,7 @@ import json
 import numpy as np
 import torch
 
+from causvid_core.pipeline import to_uint8_frames
 from causvid_core.text import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_NAMES
 from causvid_core.vae import load_wan_vae
 from training.metrics import frame_stats, wrapped
@@ -168,8 +169,7 @@ def code_accuracy(vae, clips: int = 48, frames: int = 33,
 
 def centroids(video: torch.Tensor, prompt: str) -> np.ndarray:
     """Per-frame object centroids [F, 2] of a video [3, F, H, W] in -1..1, as the figures measure them."""
-    u8 = video.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).numpy()
-    return frame_stats(u8, parse_prompt(prompt).background_rgb).centroid
+    return frame_stats(to_uint8_frames(video[None]).numpy(), parse_prompt(prompt).background_rgb).centroid
 
 
 def motion_error(c: np.ndarray, size: int = 64) -> tuple[float, float]:
@@ -230,15 +230,15 @@ def position(vae, clips: int, steps: int, decoders: list[str], student: str | No
     ``log`` (e.g. print) hears how far the long parts have got."""
     data = ShapesDataset(9, seed=seed)
     z, c, prompts = [], [], []
-    for i in range(clips + held_out):
-        if log and i % 500 == 0:
-            log(f"encoding clips: {i}/{clips + held_out}")
-        x, prompt = data.sample(i)
+    for a in range(0, clips + held_out, 50):  # 50 clips per encoder call
+        if log and a % 500 == 0:
+            log(f"encoding clips: {a}/{clips + held_out}")
+        xs, names = zip(*(data.sample(i) for i in range(a, min(a + 50, clips + held_out))), strict=True)
         with torch.no_grad():
-            z.append(vae.encode(x[None])[0])
-        c.append(centroids(x, prompt))
-        prompts.append(prompt)
-    z, c = torch.stack(z), np.stack(c)
+            z.append(vae.encode(torch.stack(xs)))
+        c += [centroids(x, prompt) for x, prompt in zip(xs, names, strict=True)]
+        prompts += names
+    z, c = torch.cat(z), np.stack(c)
     if log:
         log(f"fitting the probe: {steps} steps")
     probe = fit_position_probe(z[:clips], c[:clips], steps)

@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 import torch
 
+from causvid_core.pipeline import to_uint8_frames
 from causvid_core.vae import load_wan_vae
 from causvid_core.video_io import psnr
 from training.metrics import frame_stats, score_video
@@ -47,7 +48,7 @@ def main() -> None:
         with torch.no_grad():
             rec = vae.decode(vae.encode(x))
         rec = rec.permute(2, 1, 0, 3, 4)[0] if args.images else rec[0]
-        rec_u8 = rec.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        rec_u8 = to_uint8_frames(rec[None]).numpy()
         gt_scores.append(score_video(video, prompt))
         rec_scores.append(score_video(rec_u8, prompt))
         psnrs.append(psnr(video, rec_u8))
