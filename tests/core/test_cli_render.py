@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from causvid_core.cli import main
 from causvid_core.resume import load_sidecar, sidecar_path
@@ -24,13 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a red circle moving right"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run 10-20x faster on a shared 2-core machine without spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

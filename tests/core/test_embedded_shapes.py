@@ -12,14 +12,13 @@ from causvid_core.vae import latent_stats_of, load_wan_vae
 FOLDER = EMBEDDED_ROOT / "shapes"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def _shipped_only(monkeypatch):
     """No test override: the package's own files."""
     monkeypatch.delenv("CAUSVID_EMBEDDED_PATH", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_shipped_weights_fit_the_budget_and_say_how_they_were_made() -> None:

@@ -35,13 +35,7 @@ PROMPT = "a red circle moving right"
 SWITCH = "0: a red circle moving right\n5: a blue square moving left"  # unit chunk: switches at chunk 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run 10-20x faster on a shared 2-core machine without spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

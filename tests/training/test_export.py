@@ -15,13 +15,7 @@ from training import distill
 from training.config import make_config
 from training.export import export
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:

@@ -14,13 +14,7 @@ from causvid_core.vae import VAE_PRESETS, WanVAE
 from tests.helpers import make_embedded
 from training import generators
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_student_streams_the_requested_frames_reproducibly(tmp_path, monkeypatch) -> None:

@@ -18,6 +18,8 @@ _spec = importlib.util.spec_from_file_location(
 lp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(lp)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is faster beside a busy process
+
 
 def test_variance_split_adds_up_to_the_total_and_finds_the_label() -> None:
     g = torch.Generator().manual_seed(0)
@@ -45,15 +47,10 @@ def test_probe_names_a_linear_label_and_not_a_random_one() -> None:
 def test_the_shipped_vae_codes_colour_shape_and_direction_where_the_object_is() -> None:
     """What the DiT writes (version 6's code VAE): the object's cells name its colour and shape in every
     latent frame, and its direction in every frame after the first (a still has none)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster beside another busy process
-    try:
-        vae = load_wan_vae(embedded_file("shapes", "vae")).eval()
-        encoded = lp.encode_clips(vae, 24, 9)
-        codes = lp.code_accuracy(vae, encoded=encoded)
-        out = lp.probe(vae, encoded=encoded)
-    finally:
-        torch.set_num_threads(threads)
+    vae = load_wan_vae(embedded_file("shapes", "vae")).eval()
+    encoded = lp.encode_clips(vae, 24, 9)
+    codes = lp.code_accuracy(vae, encoded=encoded)
+    out = lp.probe(vae, encoded=encoded)
     assert len(codes["colour"]) == 3  # latent frames of a 9-frame clip
     assert min(codes["colour"]) >= 95 and min(codes["shape"]) >= 95 and min(codes["direction"][1:]) >= 95
     assert out["cells"] > 24  # every clip has object cells after its first latent frame
@@ -110,15 +107,10 @@ def test_position_probe_reads_where_the_latent_puts_the_object_and_not_a_shuffle
     """--position's probe: fitted on latents that hold the position it finds held-out objects to within a
     pixel (a guess on the 64 px canvas is off by about 23) and their motion to a fraction of one; fitted to
     the same latents with the clips' centroids shuffled it cannot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        z, c = _synthetic_latents(600, 0)
-        zt, ct = _synthetic_latents(100, 1)
-        probe = lp.fit_position_probe(z, c, steps=300, width=32)
-        blind = lp.fit_position_probe(z, c[np.random.default_rng(2).permutation(len(c))], steps=300, width=32)
-    finally:
-        torch.set_num_threads(threads)
+    z, c = _synthetic_latents(600, 0)
+    zt, ct = _synthetic_latents(100, 1)
+    probe = lp.fit_position_probe(z, c, steps=300, width=32)
+    blind = lp.fit_position_probe(z, c[np.random.default_rng(2).permutation(len(c))], steps=300, width=32)
     off = lp.wrapped(probe.centroids(zt) - ct, 64)
     off_blind = lp.wrapped(blind.centroids(zt) - ct, 64)
     assert np.hypot(off[..., 0], off[..., 1]).mean() < 1.5
@@ -129,15 +121,10 @@ def test_position_probe_reads_where_the_latent_puts_the_object_and_not_a_shuffle
 def test_position_figures_on_the_shipped_model() -> None:
     """The --position run end to end on the embedded model (few clips, a short probe): the ground truth
     moves at the domain's speed, and the shipped decoder's round trips and the student's latents through
-    it move within half a pixel of it per frame (measured at full size: 0.29 and 0.35 px)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        vae_path = str(embedded_file("shapes", "vae"))
-        out = lp.position(load_wan_vae(vae_path).eval(), clips=16, steps=20, decoders=[vae_path],
-                          student="embedded:shapes", held_out=16, student_prompts=8)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    it move within half a pixel of it per frame (version 6's decoder, at full size: 0.29 and 0.35 px)."""
+    vae_path = str(embedded_file("shapes", "vae"))
+    out = lp.position(load_wan_vae(vae_path).eval(), clips=16, steps=20, decoders=[vae_path],
+                      student="embedded:shapes", held_out=16, student_prompts=8)  # fmt: skip
     assert out["truth"][0] < 0.01 and out["truth"][1] > 99
     assert out[f"round trip {vae_path}"][0] < 0.5
     assert out[f"student through {vae_path}"][0] < 0.6

@@ -18,14 +18,7 @@ from training.shapes import ShapesDataset, render_video, to_model_range
 from training.vae_stage import LATENTS_META as STAGE_META
 from training.vae_stage import pixel_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny models run many times faster beside another busy process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metadata_key_matches_the_bundle() -> None:
