@@ -10,13 +10,14 @@
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 #
-# Version 8: a VAE whose latent carries the prompt's colour, shape and direction where the object is
-# (four runs, about 64 min) and its decoder fine-tuned for a DiT's latents with a centroid term (600 steps,
-# about 24 min), then the bidirectional teacher (7000 steps), a causal teacher fine-tuned from it in two runs,
-# and the student distilled from the causal teacher by ODE initialisation (its ODE pairs, then regression
-# onto them).
-# Versions 6 and 7 differed only in the decoder stage: version 7 ran it for 300 steps (git show 7b162f3:scripts/
-# train_shapes.sh), version 6 for 300 without --centroid-weight (git show 32aec66:scripts/train_shapes.sh)
+# Version 9: a VAE whose latent carries the prompt's colour, shape and direction where the object is
+# (four runs, about 64 min) and its decoder fine-tuned for a DiT's latents with a centroid term (600 steps
+# at lr 1e-4, about 23 min), then the bidirectional teacher (7000 steps), a causal teacher fine-tuned from it
+# in two runs, and the student distilled from the causal teacher by ODE initialisation (its ODE pairs, then
+# regression onto them).
+# Versions 6 to 8 differed only in the decoder stage: version 8 ran it at lr 5e-5 (git show 1394ec5:scripts/
+# train_shapes.sh), version 7 at lr 5e-5 for 300 steps (git show 7b162f3:scripts/train_shapes.sh), version 6
+# for 300 at lr 5e-5 without --centroid-weight (git show 32aec66:scripts/train_shapes.sh)
 # Version 5's recipe: git show e2afd24:scripts/train_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +54,10 @@ vae "$V/vae" "${S[@]}" "${M[@]}" --init "$V/vae-code/final.safetensors" --steps 
 # half a latent std of noise on every channel but the pooled colour (0-2), and one offset per clip and
 # channel of 0.3 stds: a DiT's latents lie off the encoder's, and a decoder never shown that breaks the
 # object into pieces or paints a black background grey a second into a long video. The centroid term (since
-# version 7; 600 steps since version 8) pulls the drawn object's centre onto the clip's, frame by frame: the
-# latent holds the position to a twentieth of a pixel and the decoder was where motion got lost
-# (docs/reproduction.md, The VAE). Shipped as vae.safetensors
-vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 600 --lr 5e-5 --lr-warmup 20 \
+# version 7; 600 steps since version 8, lr 1e-4 since version 9) pulls the drawn object's centre onto the
+# clip's, frame by frame: the latent holds the position to a twentieth of a pixel and the decoder was where
+# motion got lost (docs/reproduction.md, The VAE). Shipped as vae.safetensors
+vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 600 --lr 1e-4 --lr-warmup 20 \
     --latent-noise 0.5 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 1 --colour-weight 10 \
     --object-colour-weight 1 --guide-steps 0 --image-steps 0 --centroid-weight 2 --skip-grad-norm 1000
 
