@@ -72,6 +72,6 @@ finished "$V/teacher-causal" || stage teacher --kind causal --data "$LATENTS" \
     --init "$V/teacher-causal-base/final.safetensors" --steps 3500 --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
-# versions 6 to 8 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
+# versions 6 to 9 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
 # (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
 "$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal
