@@ -182,6 +182,10 @@ class VAETrainConfig(RunConfig):
     colour_code_weight: float = 0.0  # latent channels 8-10 of the object's cells regress onto its colour (RGB)
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
+    # decoder fine-tune only: its first N steps train on single frames (image_batch of them), then clips. Frame
+    # steps are cheap (a fifth of a 17-frame clip step at batch 16) and teach the spatial layers edges and corners;
+    # they never touch the past-frame taps, so the temporal layers stay as the init left them (no inflation)
+    decoder_frame_steps: int = 0
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise
     # per channel (a DiT's latents lie off the encoder's; a decoder fitted to the encoder's alone breaks them up)
     latent_noise: float = 0.0

@@ -540,7 +540,8 @@ CLIP_STEPS_META = "causvid_vae_clip_steps"  # clip steps behind a VAE file, its 
 def _clip_steps(cfg: dict[str, Any], step: int, depth: int = 0) -> int | None:
     """Clip steps behind a run's weights at ``step`` (its config as saved), its init's included; None when
     the init's history cannot be read."""
-    own = step if cfg.get("decoder_only") else max(0, step - int(cfg.get("image_steps", 0)))
+    frames = cfg.get("decoder_frame_steps", 0) if cfg.get("decoder_only") else cfg.get("image_steps", 0)
+    own = max(0, step - int(frames))
     init = cfg.get("init")
     if not init:
         return own
@@ -619,12 +620,18 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.code_swap > 0 and cfg.arch.z_dim < SHAPE_CHANNELS.stop:
         raise ConfigError(f"--code-swap swaps the shape code in latent channels 3-5: --arch.z-dim {cfg.arch.z_dim} "
                           "has no such channels")  # fmt: skip
-    # a decoder fine-tune learns on clips from the first step (the temporal layers are what it is for) and
-    # never uses the guide (guide_weight)
-    image_steps = 0 if cfg.decoder_only else cfg.image_steps
+    # a decoder fine-tune learns on clips from its first step, or from --decoder-frame-steps (the temporal layers
+    # are what it is for, and stay as the init left them: never inflated), and never uses the guide (guide_weight)
+    if cfg.decoder_frame_steps and not cfg.decoder_only:
+        raise ConfigError(f"--decoder-frame-steps {cfg.decoder_frame_steps} trains a decoder fine-tune on frames "
+                          "first: add --decoder-only true, or use --image-steps to train a whole VAE on frames first")  # fmt: skip
+    if not 0 <= cfg.decoder_frame_steps <= cfg.steps:
+        raise ConfigError(f"--decoder-frame-steps {cfg.decoder_frame_steps}: use a count of steps in 0..--steps "
+                          f"({cfg.steps})")  # fmt: skip
+    image_steps = cfg.decoder_frame_steps if cfg.decoder_only else cfg.image_steps
     if cfg.decoder_only and (cfg.image_steps or cfg.guide_steps):
-        _say(ctx, "decoder fine-tune: clips from step 0, no guide (--image-steps and --guide-steps apply to "
-                  "training the whole VAE)")  # fmt: skip
+        _say(ctx, f"decoder fine-tune: clips from step {image_steps}, no guide (--image-steps and --guide-steps "
+                  "apply to training the whole VAE; --decoder-frame-steps trains a decoder on frames first)")  # fmt: skip
     codes = (("--shape-weight", cfg.shape_weight, "3-5"), ("--motion-weight", cfg.motion_weight, "6-7"),
              ("--colour-code-weight", cfg.colour_code_weight, "8-10"))
     for flag, weight, chans in codes:
@@ -650,8 +657,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     )
     model = dist.wrap(raw, ctx)
     trained = [p for p in model.parameters() if p.requires_grad]
-    # no weight decay with --temporal-only: it would shrink the masked current-frame taps as well
-    decay = 0.0 if cfg.temporal_only else cfg.weight_decay
+    # no weight decay with --temporal-only (it would shrink the masked current-frame taps as well), nor with
+    # --decoder-frame-steps (it would shrink the temporal layers, which frames never train)
+    decay = 0.0 if cfg.temporal_only or cfg.decoder_frame_steps else cfg.weight_decay
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=decay)
     t = Trainable("step", model, opt, raw)
     trainables = [t]
@@ -699,8 +707,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             colours = torch.tensor([q.colour_rgb for q in parsed], device=dev, dtype=torch.float32) / 127.5 - 1
         # never in a decoder fine-tune; at step 0 when the --init was trained on frames only (--temporal-only
         # requires that; a clip run chained onto frame runs otherwise starts from random temporal layers)
-        if cfg.inflate and step == image_steps and (image_steps > 0 or cfg.temporal_only or (
-                frames_only_init and not cfg.decoder_only)):
+        if cfg.inflate and not cfg.decoder_only and step == image_steps and (
+                image_steps > 0 or cfg.temporal_only or frames_only_init):
             inflate_temporal(raw)
             _say(ctx, f"step {step}: clips from here on; temporal layers set to act as the image network")
         lat = (batch, cfg.arch.z_dim, 1 + (video.shape[2] - 1) // 4, cfg.height // 8, cfg.width // 8)

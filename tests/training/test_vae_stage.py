@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from causvid_core.bundle import LATENTS_META
 from causvid_core.config import PRESETS
@@ -204,8 +205,6 @@ def test_colour_weight_adds_the_error_of_the_cell_colours() -> None:
 def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> None:
     """``vae --decoder-only true --mask-weight W``: starts from vae/final, leaves the encoder (so every
     latent and the stored statistics) untouched, writes vae-decoder/final, and lowers the mask loss."""
-    from safetensors.torch import load_file
-
     from training.vae_stage import mask_loss
 
     base = {"runs_dir": str(tmp_path), "save_every": "20", "stats_samples": "8", "clip_frames": "5",
@@ -400,8 +399,6 @@ def test_colour_code_weight_trains_the_colour_into_the_latent(tmp_path) -> None:
 def test_temporal_only_keeps_the_image_network_and_trains_the_motion(tmp_path) -> None:
     """``vae --temporal-only true --init V``: the clip phase trains only the past time taps and the temporal
     resampling, so every still (and the first frame of every clip) decodes exactly as V decoded it."""
-    from safetensors.torch import load_file
-
     base = {"runs_dir": str(tmp_path), "stats_samples": "4", "clip_frames": "5", "lr_warmup": "2"}
     images = make_config("vae", "tiny", {**base, "steps": "10", "save_every": "10", "image_steps": "10",
                                          "lr": "3e-3", "out_dir": str(tmp_path / "images")})  # fmt: skip
@@ -539,6 +536,47 @@ def test_a_clip_run_chained_onto_frame_runs_starts_from_inflated_temporal_layers
     assert calls == [1, 1] and clip_steps_of(mixed) == 1
 
 
+def test_a_decoder_fine_tune_can_train_on_frames_first_and_keeps_its_temporal_layers(tmp_path, monkeypatch) -> None:
+    """``vae --decoder-only true --decoder-frame-steps N``: the first N steps train the decoder on single frames
+    (where it learns corners cheaply, docs/reproduction.md), then clips. Frames never reach the past-frame taps
+    or the temporal upsampling, so a frames-only fine-tune leaves them exactly as the init had them (never
+    inflated: they already know motion); the encoder stays frozen and the clip-step count only grows by the clip steps."""
+    from training import vae_stage
+    from training.vae_stage import clip_steps_of
+
+    calls = []
+    monkeypatch.setattr(vae_stage, "inflate_temporal", lambda vae: calls.append(1))
+    base = {"runs_dir": str(tmp_path), "stats_samples": "2", "clip_frames": "5", "lr_warmup": "1"}
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "4", "save_every": "4", "lr": "3e-3"}))
+    init = tmp_path / "shapes" / "vae" / "final.safetensors"
+    before = load_file(str(init))
+
+    def fine_tune(name: str, frame_steps: int, steps: int) -> tuple[dict[str, torch.Tensor], Path]:
+        opts = {**base, "out_dir": str(tmp_path / name), "steps": str(steps), "save_every": str(steps),
+                "lr": "3e-3", "decoder_only": "true", "decoder_frame_steps": str(frame_steps), "init": str(init),
+                "weight_decay": "0.01"}  # fmt: skip  (the tiny preset's own: the stage turns it off here)
+        distill.run("vae", make_config("vae", "tiny", opts))
+        out = tmp_path / name / "final.safetensors"
+        return load_file(str(out)), out
+
+    frames, frames_path = fine_tune("frames", 3, 3)
+    past = [k for k, w in before.items() if k.startswith("decoder.") and k.endswith(".weight") and w.dim() == 5
+            and w.shape[2] == 3]  # fmt: skip  the causal 3x3x3 convolutions: taps [past, past, current]
+    time_convs = [k for k in before if k.startswith("decoder.") and ".time_conv." in k]
+    assert past and time_convs
+    assert all(torch.equal(before[k][:, :, :2], frames[k][:, :, :2]) for k in past)
+    assert all(torch.equal(before[k], frames[k]) for k in time_convs)
+    assert any(not torch.equal(before[k][:, :, 2], frames[k][:, :, 2]) for k in past)  # the frames did train it
+    assert all(torch.equal(before[k], frames[k]) for k in before if k.startswith(("encoder.", "conv1.")))
+    assert calls == [] and clip_steps_of(frames_path) == clip_steps_of(init)
+
+    mixed, mixed_path = fine_tune("mixed", 2, 3)  # then clips: the past taps train too, still no inflation
+    assert any(not torch.equal(before[k][:, :, :2], mixed[k][:, :, :2]) for k in past)
+    assert calls == [] and clip_steps_of(mixed_path) == clip_steps_of(init) + 1
+    with pytest.raises(ConfigError, match="--decoder-frame-steps.*--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {**base, "steps": "2", "decoder_frame_steps": "1"}))
+
+
 def test_the_adversarial_term_is_the_discriminators_verdict_on_the_reconstruction() -> None:
     """``--adv-weight W`` adds W x minus the discriminator's mean logit on the reconstructed frames; the
     discriminator gets no gradient from it, and its own hinge loss wants real frames above +1, fakes below -1."""
@@ -571,8 +609,6 @@ def test_a_decoder_fine_tune_with_the_adversarial_term_resumes_with_its_discrimi
     """``vae --decoder-only true --adv-weight W``: the discriminator trains beside the decoder, is saved
     beside it (final_disc.safetensors; the VAE file alone carries the latent statistics), and a run
     stopped part way resumes both to the same weights as a run that never stopped."""
-    from safetensors.torch import load_file
-
     from causvid_core.bundle import file_metadata
 
     base = {"runs_dir": str(tmp_path), "save_every": "2", "stats_samples": "4", "clip_frames": "5",
