@@ -183,8 +183,9 @@ class VAETrainConfig(RunConfig):
     temporal_only: bool = False  # train only the past taps and the temporal resampling (the stills stay as they are)
     decoder_only: bool = False  # fine-tune the decoder of ``init`` (encoder frozen: same latents); 'vae-decoder'
     # decoder fine-tune only: its first N steps train on single frames (image_batch of them), then clips. Frame
-    # steps are cheap (a fifth of a 17-frame clip step at batch 16) and teach the spatial layers edges and corners;
-    # they never touch the past-frame taps, so the temporal layers stay as the init left them (no inflation)
+    # steps are cheap (16 frames cost about a fifth of a step of four 17-frame clips) and teach the spatial layers
+    # edges and corners; they never touch the past-frame taps, so the temporal layers stay as the init left them
+    # (no inflation)
     decoder_frame_steps: int = 0
     # decoder fine-tune only: the decoder sees its latents plus this many of the init's latent stds of noise
     # per channel (a DiT's latents lie off the encoder's; a decoder fitted to the encoder's alone breaks them up)
