@@ -10,8 +10,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${CAUSVID_CACHE:-$HOME/.cache/comfyui-causvid}"
 py="${PYTHON:-python3}"
 mkdir -p "$cache"
+# the package comes from this checkout wherever the command runs, and relative paths (--out, --image, ...)
+# stay relative to the directory the user ran it from
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 if "$cache/venv/bin/python" -c "import torch, av, safetensors, einops" 2>/dev/null; then
-  cd "$here"
   exec "$cache/venv/bin/python" -m causvid_core generate "$@"
 fi
 venv="$cache/venv-core"
@@ -29,5 +31,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
-cd "$here"
 exec "$venv/bin/python" -m causvid_core generate "$@"
