@@ -552,16 +552,18 @@ def test_a_decoder_fine_tune_can_train_on_frames_first_and_keeps_its_temporal_la
     before = load_file(str(init))
 
     def fine_tune(name: str, frame_steps: int, steps: int) -> tuple[dict[str, torch.Tensor], Path]:
+        # weight decay 0.01 is the tiny preset's own: the stage turns it off in such a run
         opts = {**base, "out_dir": str(tmp_path / name), "steps": str(steps), "save_every": str(steps),
                 "lr": "3e-3", "decoder_only": "true", "decoder_frame_steps": str(frame_steps), "init": str(init),
-                "weight_decay": "0.01"}  # fmt: skip  (the tiny preset's own: the stage turns it off here)
+                "weight_decay": "0.01"}  # fmt: skip
         distill.run("vae", make_config("vae", "tiny", opts))
         out = tmp_path / name / "final.safetensors"
         return load_file(str(out)), out
 
     frames, frames_path = fine_tune("frames", 3, 3)
+    # the decoder's causal 3x3x3 convolutions, time taps [past, past, current]
     past = [k for k, w in before.items() if k.startswith("decoder.") and k.endswith(".weight") and w.dim() == 5
-            and w.shape[2] == 3]  # fmt: skip  the causal 3x3x3 convolutions: taps [past, past, current]
+            and w.shape[2] == 3]  # fmt: skip
     time_convs = [k for k in before if k.startswith("decoder.") and ".time_conv." in k]
     assert past and time_convs
     assert all(torch.equal(before[k][:, :, :2], frames[k][:, :, :2]) for k in past)
