@@ -537,11 +537,16 @@ def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
 CLIP_STEPS_META = "causvid_vae_clip_steps"  # clip steps behind a VAE file, its --init chain included
 
 
+def frame_steps(cfg: dict[str, Any]) -> int:
+    """How many first steps of a vae run (its config as a dict) train on single frames: --decoder-frame-steps
+    in a decoder fine-tune, --image-steps otherwise."""
+    return int(cfg.get("decoder_frame_steps", 0) if cfg.get("decoder_only") else cfg.get("image_steps", 0))
+
+
 def _clip_steps(cfg: dict[str, Any], step: int, depth: int = 0) -> int | None:
     """Clip steps behind a run's weights at ``step`` (its config as saved), its init's included; None when
     the init's history cannot be read."""
-    frames = cfg.get("decoder_frame_steps", 0) if cfg.get("decoder_only") else cfg.get("image_steps", 0)
-    own = max(0, step - int(frames))
+    own = max(0, step - frame_steps(cfg))
     init = cfg.get("init")
     if not init:
         return own
@@ -628,7 +633,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if not 0 <= cfg.decoder_frame_steps <= cfg.steps:
         raise ConfigError(f"--decoder-frame-steps {cfg.decoder_frame_steps}: use a count of steps in 0..--steps "
                           f"({cfg.steps})")  # fmt: skip
-    image_steps = cfg.decoder_frame_steps if cfg.decoder_only else cfg.image_steps
+    image_steps = frame_steps(vars(cfg))
     if cfg.decoder_only and (cfg.image_steps or cfg.guide_steps):
         _say(ctx, f"decoder fine-tune: clips from step {image_steps}, no guide (--image-steps and --guide-steps "
                   "apply to training the whole VAE; --decoder-frame-steps trains a decoder on frames first)")  # fmt: skip
