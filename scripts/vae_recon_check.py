@@ -2,6 +2,11 @@
 encode + decode round trip, against the same figures of the videos themselves.
 
     python scripts/vae_recon_check.py runs/shapes/vae/final.safetensors [--videos 16] [--frames 33] [--images]
+        [--latent-noise S]
+
+``--latent-noise S`` decodes the latents plus S latent stds of seeded Gaussian noise on every channel: a DiT's
+latents lie off the encoder's, and a decoder that draws exact latents well can still break the object
+into pieces or lose its shape on those (docs/reproduction.md, The VAE).
 
 Besides the figures it prints PSNR by latent frame (frame 0, then each group of 4 frames a latent frame
 decodes to): a VAE that leans on more past than its training clips showed drifts along a long clip, and
@@ -29,14 +34,28 @@ def psnr_by_latent_frame(sq_err: np.ndarray) -> list[float]:
     return [float(10 * np.log10(255**2 / max(float(sq_err[:, g].mean()), 1e-12))) for g in groups]
 
 
+def round_trip(vae, x: torch.Tensor, latent_noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Encode and decode [B, 3, F, H, W]; with ``latent_noise`` S the decoder reads the unit-scale latents
+    plus S stds of Gaussian noise drawn from ``generator`` (seeded: the same generator state, the same video)."""
+    with torch.no_grad():
+        z = vae.encode(x)
+        if latent_noise:
+            z = z + latent_noise * torch.randn(z.shape, generator=generator).to(z)
+        return vae.decode(z)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("vae")
     p.add_argument("--videos", type=int, default=16)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--images", action="store_true", help="round-trip every frame alone (the image phase)")
+    p.add_argument("--latent-noise", type=float, default=0.0, help="latent stds of noise added before decoding")
     args = p.parse_args()
+    if args.latent_noise < 0:
+        p.error(f"--latent-noise {args.latent_noise}: use a number of latent stds >= 0 (0: exact latents)")
     vae = load_wan_vae(args.vae).eval()
+    noise_gen = torch.Generator().manual_seed(0)
     gt_scores, rec_scores, psnrs, sq_err = [], [], [], []
     fills: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # shape -> (ground truth, reconstructed)
     prompts = prompt_set(args.videos, seed=1)
@@ -45,8 +64,7 @@ def main() -> None:
         x = to_model_range(video)[None]  # [1, 3, F, H, W]
         if args.images:  # each frame its own one-frame video: [F, 3, 1, H, W]
             x = x.permute(2, 1, 0, 3, 4)
-        with torch.no_grad():
-            rec = vae.decode(vae.encode(x))
+        rec = round_trip(vae, x, args.latent_noise, noise_gen)
         rec = rec.permute(2, 1, 0, 3, 4)[0] if args.images else rec[0]
         rec_u8 = to_uint8_frames(rec[None]).numpy()
         gt_scores.append(score_video(video, prompt))
@@ -60,7 +78,8 @@ def main() -> None:
     for name, scores in (("ground truth", gt_scores), ("reconstructed", rec_scores)):
         mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         print(f"{name:14s} " + "  ".join(f"{k} {v:.1f}" for k, v in mean.items()))
-    print(f"PSNR {np.mean(psnrs):.2f} dB over {args.videos} videos of {args.frames} frames")
+    noisy = f", latents + {args.latent_noise:g} stds of noise" if args.latent_noise else ""
+    print(f"PSNR {np.mean(psnrs):.2f} dB over {args.videos} videos of {args.frames} frames{noisy}")
     if not args.images:
         print("PSNR by latent frame (dB): " + " ".join(f"{v:.1f}" for v in psnr_by_latent_frame(np.stack(sq_err))))
     # where shape accuracy is lost: the fill-ratio rule fails one shape at a time (square corners rounded off)
