@@ -1,8 +1,10 @@
-"""Test helpers: small random models laid out like the shipped ones."""
+"""Test helpers: small random models laid out like the shipped ones, and the scripts/ modules."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import save_file
@@ -58,3 +60,12 @@ def comfy_wan(cfg: DiTConfig, device: str | torch.device = "cpu") -> torch.nn.Mo
         dtype=torch.float32,
         operations=comfy.ops.disable_weight_init,
     )
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts/ is not a package), for tests of its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

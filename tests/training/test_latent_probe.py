@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from causvid_core.bundle import embedded_file
 from causvid_core.vae import load_wan_vae
+from tests.helpers import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "latent_probe", Path(__file__).resolve().parents[2] / "scripts" / "latent_probe.py"
-)
-lp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lp)
+lp = load_script("latent_probe")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is faster beside a busy process
 

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from causvid_core.bundle import embedded_file
 from causvid_core.vae import load_wan_vae
+from tests.helpers import load_script
 from training.shapes import render_video, to_model_range
 
-_spec = importlib.util.spec_from_file_location(
-    "vae_recon_check", Path(__file__).resolve().parents[2] / "scripts" / "vae_recon_check.py"
-)
-rc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rc)
+rc = load_script("vae_recon_check")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
