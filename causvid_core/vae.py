@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -525,6 +526,22 @@ def latent_stats_of(path: str | Path) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
 
 
+def _warn_if_unfinished(path: Path) -> None:
+    """Warn when ``path`` is a checkpoint of our own vae stage that carries no latent statistics (a
+    full run's step_*.safetensors: they are measured at its end): Wan2.1's statistics stand in, and a DiT
+    trained on the finished VAE's latents will not fit them. Round trips through the VAE alone are fine."""
+    from .bundle import file_metadata
+
+    meta = file_metadata(path)
+    if "causvid_vae_config" in meta:
+        warnings.warn(
+            f"{path} is a checkpoint of a vae run (step {meta.get('causvid_step', '?')}) without latent "
+            "statistics; Wan2.1's stand in, so a DiT's latents will be scaled wrongly through it. Use the "
+            "run's final.safetensors (or a --decoder-only run's checkpoint, which carries its init's)",
+            stacklevel=3,
+        )
+
+
 def infer_vae_config(
     sd: dict[str, Tensor], stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 ) -> VAEConfig:
@@ -587,6 +604,8 @@ def load_wan_vae(
     sd = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
     sd = to_wan_keys(sd, (config or VAEConfig()).num_res_blocks)
     stats = latent_stats_of(source) if isinstance(source, (str, Path)) else None
+    if stats is None and config is None and isinstance(source, (str, Path)):
+        _warn_if_unfinished(Path(source))
     if config is None:
         config = infer_vae_config(sd, stats)
     with torch.device("meta"):

@@ -32,6 +32,9 @@ from .shapes import DIRECTION_VECTORS, SHAPE_NAMES, ShapesDataset, parse_prompt
 from .state import Trainable, save_weights
 
 LATENTS_META = "causvid_latents"  # the key causvid_core.bundle reads (kept in sync by a test)
+# set on a --decoder-only run's VAE: (mean, std) of its frozen encoder (the init's), written into every
+# checkpoint it saves, so a step_*.safetensors is usable in front of a DiT like final.safetensors
+FROZEN_STATS_ATTR = "frozen_latent_stats"
 
 
 def posterior(vae: WanVAE, video: Tensor) -> tuple[Tensor, Tensor]:
@@ -580,6 +583,9 @@ def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict
     clip_steps = _clip_steps(json.loads(training_json), step)
     if clip_steps is not None:
         meta[CLIP_STEPS_META] = clip_steps
+    frozen = getattr(vae, FROZEN_STATS_ATTR, None)
+    if frozen is not None:  # a decoder fine-tune: every checkpoint's latents are the init's, so are their stats
+        meta[LATENTS_META] = json.dumps({"mean": frozen[0], "std": frozen[1]})
     return meta
 
 
@@ -604,6 +610,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             raise ConfigError(
                 f"{init_path} has no latent statistics: fine-tune the decoder of a finished vae run"
             )
+        setattr(raw, FROZEN_STATS_ATTR, init_stats)
     for flag, value, what in (("--latent-noise", cfg.latent_noise, "noise"),
                               ("--latent-shift", cfg.latent_shift, "per-clip offset")):  # fmt: skip
         if value < 0 or (value > 0 and not cfg.decoder_only):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,15 @@ def test_decoder_fine_tune_keeps_the_latents_and_sharpens_the_mask(tmp_path) -> 
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert latent_stats_of(final) == latent_stats_of(tmp_path / "shapes" / "vae" / "final.safetensors")
+    # its mid-run checkpoints carry the same statistics, so one can stand in front of a DiT
+    mid = tmp_path / "shapes" / "vae-decoder" / "step_000020.safetensors"
+    assert latent_stats_of(mid) == latent_stats_of(final)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_wan_vae(mid).config.latents_std == latent_stats_of(final)[1]
+    # a full run's mid-run checkpoint has none yet (they are measured at its end): loading it says so
+    with pytest.warns(UserWarning, match="without latent statistics"):
+        load_wan_vae(tmp_path / "shapes" / "vae" / "step_000020.safetensors")
 
     # the loss itself: near zero for the true video (its anti-aliased edge), 20x that for a blurred copy
     video = to_model_range(render_video("a red triangle moving up", 1, 5, 64))[None]
