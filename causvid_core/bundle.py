@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +163,13 @@ def settings_metadata(
         FPS_META: json.dumps(fps),
     }
     if latents_mean is not None and latents_std is not None:
-        meta[LATENTS_META] = json.dumps({"mean": list(latents_mean), "std": list(latents_std)})
+        meta[LATENTS_META] = latent_stats_json(latents_mean, latents_std)
     return meta
+
+
+def latent_stats_json(mean: Sequence[float], std: Sequence[float]) -> str:
+    """The ``causvid_latents`` metadata value: per-channel latent mean and std as JSON."""
+    return json.dumps({"mean": list(mean), "std": list(std)})
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

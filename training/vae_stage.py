@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from causvid_core.bundle import file_metadata
+from causvid_core.bundle import file_metadata, latent_stats_json
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
@@ -533,7 +533,7 @@ def store_statistics(path: Path, mean: list[float], std: list[float]) -> None:
     """Rewrite a VAE safetensors with the latent statistics added to its metadata (atomic)."""
     meta = dict(file_metadata(path))
     meta.pop("format", None)
-    meta[LATENTS_META] = json.dumps({"mean": mean, "std": std})
+    meta[LATENTS_META] = latent_stats_json(mean, std)
     save_weights(load_file(str(path)), path, meta)
 
 
@@ -585,7 +585,7 @@ def vae_metadata(vae: WanVAE, stage: str, step: int, training_json: str) -> dict
         meta[CLIP_STEPS_META] = clip_steps
     frozen = getattr(vae, FROZEN_STATS_ATTR, None)
     if frozen is not None:  # a decoder fine-tune: every checkpoint's latents are the init's, so are their stats
-        meta[LATENTS_META] = json.dumps({"mean": frozen[0], "std": frozen[1]})
+        meta[LATENTS_META] = latent_stats_json(*frozen)
     return meta
 
 
