@@ -175,6 +175,9 @@ class VAETrainConfig(RunConfig):
     inflate: bool = True  # at the switch to clips, temporal layers start as the image network (stills)
     mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
     centroid_weight: float = 0.0  # Huber loss of the per-frame object centroid (px): the figures' motion
+    # how --centroid-weight reads the object's shift: 'moment' (the centroids' difference) or 'edge' (one
+    # Lucas-Kanade step on the true outline, which pushes corners no harder than the sides)
+    centroid_read: str = "moment"
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape
@@ -433,6 +436,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.critic_steps < 1:
             raise ConfigError(f"--critic-steps must be at least 1, got {cfg.critic_steps}")
     if isinstance(cfg, VAETrainConfig):
+        if cfg.centroid_read not in ("moment", "edge"):
+            raise ConfigError(f"--centroid-read must be 'moment' or 'edge', got {cfg.centroid_read!r}")
         if (cfg.clip_frames - 1) % 4:
             raise ConfigError(f"--clip-frames {cfg.clip_frames} must be 1 + 4k, e.g. 9 or 13")
         if cfg.arch.z_dim != cfg.dit.in_dim:
