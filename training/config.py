@@ -178,6 +178,8 @@ class VAETrainConfig(RunConfig):
     # how --centroid-weight reads the object's shift: 'moment' (the centroids' difference) or 'edge' (one
     # Lucas-Kanade step on the true outline, which pushes corners no harder than the sides)
     centroid_read: str = "moment"
+    # --centroid-weight on the offset's change from frame to frame (the object's steps), not on the offset
+    centroid_motion: bool = False
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape

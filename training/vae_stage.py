@@ -141,9 +141,12 @@ def edge_shift(mask: Tensor, truth: Tensor) -> Tensor:
     return torch.stack([(gxy * by - gyy * bx) / det, (gxy * bx - gxx * by) / det], -1)
 
 
-def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment") -> Tensor:
+def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bool = False) -> Tensor:
     """Huber loss (1 px) of the per-frame distance between the centroids of the soft object masks of
-    ``recon`` and ``video``, in pixels, on frames where the object is there.
+    ``recon`` and ``video``, in pixels, on frames where the object is there; ``read`` as ``edge_shift``
+    or the centroids' difference. ``motion``: of the change of that offset from one frame to the next
+    instead (``--centroid-motion``), so a drawing that sits off the clip's by the same amount in every
+    frame costs nothing and only its steps count, as temporal quality counts them.
 
     Why: the Shapes VAE decoded every group of four frames that share a latent frame with a fixed phase
     error (the three in-between frames drawn 0.5-0.7 px ahead, toward the frame the latent was encoded
@@ -161,9 +164,11 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment") -> Tensor:
         delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     else:
         raise ConfigError(f"--centroid-read must be 'moment' or 'edge', got {read!r}")
-    err = torch.sqrt(delta.square().sum(-1) + 1e-6)
     min_area = 16.0 * video.shape[-1] * video.shape[-2] / 64**2  # the figures' MIN_AREA (16 px at 64x64)
-    there = (truth.sum((-1, -2)) >= min_area).to(err)
+    there = (truth.sum((-1, -2)) >= min_area).to(delta)
+    if motion:
+        delta, there = delta[:, 1:] - delta[:, :-1], there[:, 1:] * there[:, :-1]
+    err = torch.sqrt(delta.square().sum(-1) + 1e-6)
     return (F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0) * there).sum() / there.sum().clamp_min(1)
 
 
@@ -398,7 +403,7 @@ def vae_loss_and_recon(
         loss = loss + cfg.mask_weight * mask
         parts["mask"] = float(mask.detach())
     if cfg.centroid_weight > 0:
-        centroid = centroid_loss(recon, video, cfg.centroid_read)
+        centroid = centroid_loss(recon, video, cfg.centroid_read, cfg.centroid_motion)
         loss = loss + cfg.centroid_weight * centroid
         parts["centroid"] = float(centroid.detach())
     if cfg.object_colour_weight > 0:

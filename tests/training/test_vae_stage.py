@@ -255,6 +255,20 @@ def test_centroid_loss_measures_the_object_shift_in_pixels_across_the_wrap() -> 
     assert centroid_loss(torch.roll(video, 3, dims=-1), video).item() == pytest.approx(2.5, abs=0.05)
 
 
+def test_centroid_motion_counts_the_steps_not_a_steady_offset() -> None:
+    """``--centroid-motion``: a drawing one pixel off in every frame costs nothing; one frame drawn a pixel
+    off costs the two steps into and out of it (Huber 0.5 each, of 4 steps), by either read."""
+    from training.vae_stage import centroid_loss
+
+    video = to_model_range(render_video("a blue square moving down on a gray background", 3, 5, 64))[None]
+    one_late = video.clone()
+    one_late[:, :, 2] = torch.roll(video[:, :, 2], 1, dims=-1)
+    for read in ("moment", "edge"):
+        assert centroid_loss(torch.roll(video, 1, dims=-1), video, read, motion=True).item() == pytest.approx(0.0, abs=1e-3)
+        assert centroid_loss(one_late, video, read, motion=True).item() == pytest.approx(0.25, abs=0.02)
+        assert centroid_loss(one_late, video, read).item() == pytest.approx(0.1, abs=0.01)  # per frame: 1 of 5
+
+
 def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_the_outline() -> None:
     """``--centroid-read edge``: the same 0.5 as the moment read for a one-pixel move (either axis, across the
     wrap), and its gradient on a triangle moved by a pixel leans on the tips less than the moment read's,
