@@ -269,6 +269,29 @@ def test_centroid_motion_counts_the_steps_not_a_steady_offset() -> None:
         assert centroid_loss(one_late, video, read).item() == pytest.approx(0.1, abs=0.01)  # per frame: 1 of 5
 
 
+def test_the_centroid_flags_choose_the_term_vae_loss_adds(monkeypatch) -> None:
+    """``--centroid-weight W --centroid-read R --centroid-motion M`` adds W times exactly
+    ``centroid_loss(recon, clip, R, M)`` of the reconstruction, for each read and mode (the decoder here
+    draws the clip with its middle frame a pixel late, so every read and mode sees a shift)."""
+    from training import vae_stage
+
+    base = make_config("vae", "tiny", {})
+    vae, video, eps = tiny_vae_batch(base)
+    drawn = video.clone()
+    drawn[:, :, 2] = torch.roll(video[:, :, 2], 1, dims=-1)
+    monkeypatch.setattr(vae_stage, "reconstruct", lambda vae, z: drawn)
+    plain, _ = vae_stage.vae_loss(vae, video, eps, base, 0.0)
+    seen = set()
+    for read, motion in (("moment", "false"), ("edge", "false"), ("moment", "true"), ("edge", "true")):
+        cfg = make_config("vae", "tiny", {"centroid_weight": "2", "centroid_read": read, "centroid_motion": motion})
+        weighted, parts = vae_stage.vae_loss(vae, video, eps, cfg, 0.0)
+        expected = vae_stage.centroid_loss(drawn, video, read, motion == "true").item()
+        assert expected > 0.05 and parts["centroid"] == pytest.approx(expected, rel=1e-4)
+        assert weighted.item() == pytest.approx(plain.item() + 2 * expected, rel=1e-4)
+        seen.add(round(expected, 3))
+    assert len(seen) == 2  # the flags reach the loss: the static term and the motion term differ
+
+
 def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_the_outline() -> None:
     """``--centroid-read edge``: the same 0.5 as the moment read for a one-pixel move (either axis, across the
     wrap), and its gradient on a triangle moved by a pixel leans on the tips less than the moment read's,
