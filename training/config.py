@@ -148,6 +148,9 @@ class PrecomputeConfig(RunConfig):
     shard_size: int = 64
 
 
+CENTROID_READS = ("moment", "edge")  # --centroid-read: how the decoder stage's centroid term reads the shift
+
+
 @dataclass
 class VAETrainConfig(RunConfig):
     """The Wan-architecture VAE trained on Shapes clips: L1 + MSE reconstruction and a small KL term.
@@ -438,8 +441,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.critic_steps < 1:
             raise ConfigError(f"--critic-steps must be at least 1, got {cfg.critic_steps}")
     if isinstance(cfg, VAETrainConfig):
-        if cfg.centroid_read not in ("moment", "edge"):
-            raise ConfigError(f"--centroid-read must be 'moment' or 'edge', got {cfg.centroid_read!r}")
+        if cfg.centroid_read not in CENTROID_READS:
+            raise ConfigError(f"--centroid-read must be one of {', '.join(CENTROID_READS)}, got {cfg.centroid_read!r}")
         if (cfg.clip_frames - 1) % 4:
             raise ConfigError(f"--clip-frames {cfg.clip_frames} must be 1 + 4k, e.g. 9 or 13")
         if cfg.arch.z_dim != cfg.dit.in_dim:

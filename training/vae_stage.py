@@ -26,7 +26,7 @@ from causvid_core.bundle import file_metadata, latent_stats_json
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
-from .config import ConfigError, VAETrainConfig
+from .config import CENTROID_READS, ConfigError, VAETrainConfig
 from .data import run_vae_path
 from .shapes import DIRECTION_VECTORS, SHAPE_NAMES, ShapesDataset, parse_prompt
 from .state import Trainable, save_weights
@@ -126,10 +126,11 @@ def edge_shift(mask: Tensor, truth: Tensor) -> Tensor:
     gradient of the blurred truth and ``G = sum(g g^T)``, both masks blurred by ``EDGE_BLUR`` px first so
     that the read stays near linear for shifts up to about 2 px.
 
-    Why not the centroids' difference: its gradient on a pixel grows with the pixel's distance from the
-    centroid, so a square's corners and a triangle's tips take the largest pushes every step, and a
+    Why another read: the centroids' difference pushes a pixel by its distance from the centroid, so a
+    square's corners and a triangle's tips take the largest pushes every step, which looked like why a
     decoder trained on it rounds them off. Here every pixel of the edge band counts by the edge's own
-    slope, wherever it lies on the outline. Like any one-step read it sees shifts within the blurred edge
+    slope, wherever it lies on the outline; measured (session 24), a decoder trained on this read rounds
+    them as much, so the lever arm was not the cause (``motion`` was the cure). Like any one-step read it sees shifts within the blurred edge
     (about 2 px; 3 px reads as 2.4) and nothing of an object drawn far off or not at all (0 then), so it
     suits a decoder that already draws the object near its place, as a fine-tune's does.
     """
@@ -165,7 +166,7 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bo
         size = torch.tensor([video.shape[-1], video.shape[-2]], device=video.device, dtype=a.dtype)
         delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     else:
-        raise ConfigError(f"--centroid-read must be 'moment' or 'edge', got {read!r}")
+        raise ConfigError(f"--centroid-read must be one of {', '.join(CENTROID_READS)}, got {read!r}")
     min_area = 16.0 * video.shape[-1] * video.shape[-2] / 64**2  # the figures' MIN_AREA (16 px at 64x64)
     there = (truth.sum((-1, -2)) >= min_area).to(delta)
     if motion:

@@ -294,8 +294,8 @@ def test_the_centroid_flags_choose_the_term_vae_loss_adds(monkeypatch) -> None:
 
 def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_the_outline() -> None:
     """``--centroid-read edge``: the same 0.5 as the moment read for a one-pixel move (either axis, across the
-    wrap), and its gradient on a triangle moved by a pixel leans on the tips less than the moment read's,
-    which is what rounded the shapes off. A misspelt read is refused with the choices."""
+    wrap), and its gradient on a triangle moved by a pixel leans on the tips less than the moment read's
+    (what it is for). A misspelt read is refused with the choices."""
     from training.vae_stage import centroid_loss
 
     video = to_model_range(render_video("a red triangle moving right on a gray background", 3, 5, 64))[None]
@@ -315,7 +315,7 @@ def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_
         return float(g[ys, xs][dist > dist.quantile(0.8)].mean() / g[ys, xs][dist < dist.quantile(0.2)].mean())
 
     assert tip_share("edge") < 0.7 * tip_share("moment")
-    with pytest.raises(ConfigError, match="'moment' or 'edge'"):
+    with pytest.raises(ConfigError, match="one of moment, edge"):
         centroid_loss(video, video, "centre")
     with pytest.raises(ConfigError, match="--centroid-read"):
         make_config("vae", "tiny", {"centroid_read": "centre"})
