@@ -130,9 +130,11 @@ def edge_shift(mask: Tensor, truth: Tensor) -> Tensor:
     square's corners and a triangle's tips take the largest pushes every step, which looked like why a
     decoder trained on it rounds them off. Here every pixel of the edge band counts by the edge's own
     slope, wherever it lies on the outline; measured (session 24), a decoder trained on this read rounds
-    them as much, so the lever arm was not the cause (``motion`` was the cure). Like any one-step read it sees shifts within the blurred edge
-    (about 2 px; 3 px reads as 2.4) and nothing of an object drawn far off or not at all (0 then), so it
-    suits a decoder that already draws the object near its place, as a fine-tune's does.
+    them as much, so the lever arm was not the cause (``motion`` was the cure).
+
+    Like any one-step read it sees shifts within the blurred edge (about 2 px; 3 px reads as 2.4) and
+    nothing of an object drawn far off or not at all (0 then), so it suits a decoder that already draws
+    the object near its place, as a fine-tune's does.
     """
     m, t = circular_blur(mask), circular_blur(truth)
     gx = (t.roll(-1, -1) - t.roll(1, -1)) / 2
