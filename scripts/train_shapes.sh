@@ -10,14 +10,17 @@
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 #
-# Version 9: a VAE whose latent carries the prompt's colour, shape and direction where the object is
-# (four runs, about 64 min) and its decoder fine-tuned for a DiT's latents with a centroid term (600 steps
-# at lr 1e-4, about 23 min), then the bidirectional teacher (7000 steps), a causal teacher fine-tuned from it
-# in two runs, and the student distilled from the causal teacher by ODE initialisation (its ODE pairs, then
-# regression onto them).
-# Versions 6 to 8 differed only in the decoder stage: version 8 ran it at lr 5e-5 (git show 1394ec5:scripts/
-# train_shapes.sh), version 7 at lr 5e-5 for 300 steps (git show 7b162f3:scripts/train_shapes.sh), version 6
-# for 300 at lr 5e-5 without --centroid-weight (git show 32aec66:scripts/train_shapes.sh)
+# Version 10: a VAE whose latent carries the prompt's colour, shape and direction where the object is
+# (four runs, about 51-64 min) and its decoder fine-tuned for a DiT's latents with a centroid term on the
+# object's steps from frame to frame (400 steps at lr 1e-4, about 15 min alone), then the bidirectional
+# teacher (7000 steps), a causal teacher fine-tuned from it in two runs, and the student distilled from the
+# causal teacher by ODE initialisation (its ODE pairs, then regression onto them). Every stage of version 10
+# was trained afresh with these commands (version 9 shipped version 6's DiT).
+# Versions 6 to 9 differed only in the decoder stage: version 9 ran 600 steps at lr 1e-4 on latent noise 0.5
+# with the centroid term on the object's place (git show 298b99b:scripts/train_shapes.sh), version 8 the same
+# at lr 5e-5 (git show 1394ec5:scripts/train_shapes.sh), version 7 at lr 5e-5 for 300 steps (git show
+# 7b162f3:scripts/train_shapes.sh), version 6 for 300 at lr 5e-5 without --centroid-weight (git show
+# 32aec66:scripts/train_shapes.sh)
 # Version 5's recipe: git show e2afd24:scripts/train_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,15 +54,16 @@ vae "$V/vae-code" "${S[@]}" --shape-weight 10 --colour-code-weight 10 --init "$V
 vae "$V/vae" "${S[@]}" "${M[@]}" --init "$V/vae-code/final.safetensors" --steps 1500 --image-steps 0 \
     --guide-steps 1500 --lr 1e-4   # frames-only init: the temporal layers are inflated at step 0
 # the decoder (encoder frozen: the latents stay the same) fine-tuned on 17-frame clips whose latents carry
-# half a latent std of noise on every channel but the pooled colour (0-2), and one offset per clip and
-# channel of 0.3 stds: a DiT's latents lie off the encoder's, and a decoder never shown that breaks the
-# object into pieces or paints a black background grey a second into a long video. The centroid term (since
-# version 7; 600 steps since version 8, lr 1e-4 since version 9) pulls the drawn object's centre onto the
-# clip's, frame by frame: the latent holds the position to a twentieth of a pixel and the decoder was where
-# motion got lost (docs/reproduction.md, The VAE). Shipped as vae.safetensors
-vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 600 --lr 1e-4 --lr-warmup 20 \
-    --latent-noise 0.5 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 1 --colour-weight 10 \
-    --object-colour-weight 1 --guide-steps 0 --image-steps 0 --centroid-weight 2 --skip-grad-norm 1000
+# a quarter of a latent std of noise on every channel but the pooled colour (0-2), and one offset per clip
+# and channel of 0.3 stds: a DiT's latents lie off the encoder's, and a decoder never shown that breaks the
+# object into pieces or paints a black background grey a second into a long video. The centroid term pulls
+# the drawn object's step from each frame to the next onto the clip's (--centroid-motion; versions 7-9 pulled
+# its place): a probe reads the motion from the student's latents to 0.16 px per frame, its decoders
+# drew it to 0.3: the decoder is where motion gets lost (docs/reproduction.md, The VAE). Shipped as vae.safetensors
+vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 400 --lr 1e-4 --lr-warmup 20 \
+    --latent-noise 0.25 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 1 --colour-weight 10 \
+    --object-colour-weight 1 --guide-steps 0 --image-steps 0 --centroid-weight 2 --centroid-motion true \
+    --skip-grad-norm 1000
 
 # the DiT: latents, the bidirectional teacher, the causal teacher in two runs (the first into
 # teacher-causal-base, the second into teacher-causal, where the later stages look for it), ODE pairs
@@ -72,6 +76,6 @@ finished "$V/teacher-causal" || stage teacher --kind causal --data "$LATENTS" \
     --init "$V/teacher-causal-base/final.safetensors" --steps 3500 --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
-# versions 6 to 9 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
+# versions 6 to 10 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
 # (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
 "$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal
