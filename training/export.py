@@ -25,6 +25,7 @@ from causvid_core.text import ShapesTextEncoder
 from .state import save_weights
 
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
+OUTSIDE_RUNS = "(a folder outside the runs directory)"  # what the card says for a path it must not name
 # the card's stage folders in recipe order; vae-images / vae-colour / vae-clips / vae-shape and teacher-base
 # are the earlier runs of a stage trained in several (docs/training.md), each continued with --init by the next
 # stages a run folder lacks are left out of the card (older recipes had no vae-code or vae-clips2)
@@ -49,7 +50,8 @@ def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
     sd = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
     meta = {k: v for k, v in file_metadata(src).items() if k != "format"}
     if "causvid_training" in meta:  # the shipped weights name no folder of the training machine either
-        meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"])))
+        folder = f"runs/{src.parent.parent.name}/{src.parent.name}"
+        meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"]), folder))
     meta.update(extra or {})
     save_weights(sd, dst, meta)
     return dst.stat().st_size
@@ -70,9 +72,11 @@ def stage_summary(folder: Path) -> dict[str, Any] | None:
     return {"steps": int(last["step"]), "wall_s": last.get("wall_s", 0.0), "last": means}
 
 
-def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
+def _portable(cfg: dict[str, Any], folder: str | None = None) -> dict[str, Any]:
     """``runs_dir`` becomes ``runs`` and paths under it ``runs/...``: the card names no folder of the
-    machine that trained the model (the recipe's commands use ``--runs-dir runs``)."""
+    machine that trained the model (the recipe's commands use ``--runs-dir runs``). A stage trained
+    elsewhere and moved into the run folder (an experiment promoted to the recipe) gets ``folder``, where it
+    now lies, as its ``out_dir``; any other path outside the runs folder is named only as such."""
     root = cfg.get("runs_dir")
     if not isinstance(root, str) or not root:
         return cfg
@@ -83,6 +87,8 @@ def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
             value = "runs"
         elif isinstance(value, str) and value.startswith(prefix):
             value = "runs/" + value[len(prefix) :]
+        elif isinstance(value, str) and value.startswith("/"):
+            value = folder if key == "out_dir" and folder else OUTSIDE_RUNS
         out[key] = value
     return out
 
@@ -112,7 +118,8 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
         summary = stage_summary(run / stage)
         meta = file_metadata(run / stage / "final.safetensors")  # {} when the stage has no final weights
         # the training config saved in the stage's final weights, with this machine's paths made portable
-        cfg = _portable(json.loads(meta["causvid_training"])) if meta.get("causvid_training") else None
+        cfg = json.loads(meta["causvid_training"]) if meta.get("causvid_training") else None
+        cfg = _portable(cfg, f"runs/{run.name}/{stage}") if cfg else None
         if cfg:
             configs[stage] = cfg
         if summary is None:

@@ -64,16 +64,27 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     assert load_wan_vae(out / "vae.safetensors").config.latents_std == stats[1]
     assert bundle.text_encoder.encode(["a red circle moving right"]).shape[1:] == (16, 32)
 
-    # a fine-tuned decoder (vae-decoder) is what ships once it exists; the card lists its stage
-    distill.run("vae", make_config("vae", "tiny", {**common, "decoder_only": "true", "mask_weight": "1"}))
+    # a fine-tuned decoder (vae-decoder) is what ships once it exists; the card lists its stage. This one was
+    # an experiment trained outside the runs folder and moved in: neither the card nor the shipped weights name
+    # the folder it was trained in, and its config says where it lies now
+    elsewhere = tmp_path / "experiments" / "dec"
+    cfg = {**common, "decoder_only": "true", "mask_weight": "1", "out_dir": str(elsewhere),
+           "init": str(run / "vae" / "final.safetensors")}
+    distill.run("vae", make_config("vae", "tiny", cfg))
+    shutil.move(str(elsewhere), str(run / "vae-decoder"))
     export(run, out, commands=[])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert str(tmp_path) not in card and '"out_dir": "runs/shapes/vae-decoder"' in card
+    with safe_open(str(out / "vae.safetensors"), "pt") as f:
+        shipped_cfg = json.loads(f.metadata()["causvid_training"])
+    assert shipped_cfg["out_dir"] == "runs/shapes/vae-decoder" and shipped_cfg["init"] == "runs/shapes/vae/final.safetensors"
     tuned = load_wan_vae(run / "vae-decoder" / "final.safetensors").state_dict()
     shipped = load_wan_vae(out / "vae.safetensors").state_dict()
     key = next(k for k in tuned if k.startswith("decoder.") and k.endswith("weight"))
     first = load_wan_vae(run / "vae" / "final.safetensors").state_dict()
     assert not torch.equal(first[key].half(), tuned[key].half())
     assert torch.equal(shipped[key], tuned[key].half().float())
-    assert "| vae-decoder | 2 |" in (out / "MODEL_CARD.md").read_text()
+    assert "| vae-decoder | 2 |" in card
 
 
 def test_export_names_the_missing_stage(tmp_path) -> None:
