@@ -37,8 +37,8 @@ CAUSAL_CHAIN = ("teacher-causal-base", "teacher-causal", "ode-pairs-causal-teach
 
 
 def recipe_stages(dit_stage: str) -> tuple[str, ...]:
-    """The stage folders behind the shipped student, in recipe order, up to the student's own (versions 6 to 9
-    ship the causal chain's ODE-init student: the DMD run after it is a Table 4 row, not behind it)."""
+    """The stage folders behind the shipped student, in recipe order, up to the student's own (versions 6
+    to 10 ship the causal chain's ODE-init student: the DMD run after it is a Table 4 row, not behind it)."""
     if dit_stage in CAUSAL_CHAIN:
         return STAGES[: STAGES.index("ode-pairs")] + CAUSAL_CHAIN[: CAUSAL_CHAIN.index(dit_stage) + 1]
     return STAGES[: STAGES.index(dit_stage) + 1] if dit_stage in STAGES else STAGES

@@ -26,7 +26,7 @@ def test_shipped_weights_fit_the_budget_and_say_how_they_were_made() -> None:
     assert files == ["dit.safetensors", "teacher.safetensors", "text.safetensors", "vae.safetensors"]
     assert sum(p.stat().st_size for p in FOLDER.glob("*.safetensors")) <= 25_000_000
     card = (FOLDER / "MODEL_CARD.md").read_text()
-    # the recipe down to the shipped student's stage (versions 6 to 9: ODE init from the causal teacher)
+    # the recipe down to the shipped student's stage (versions 6 to 10: ODE init from the causal teacher)
     for needed in ("-m training.distill vae", "-m training.distill teacher --kind causal",
                    "-m training.distill ode-init", "wall time", "seed", "text_alignment"):  # fmt: skip
         assert needed in card, needed

@@ -77,7 +77,8 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     assert str(tmp_path) not in card and '"out_dir": "runs/shapes/vae-decoder"' in card
     with safe_open(str(out / "vae.safetensors"), "pt") as f:
         shipped_cfg = json.loads(f.metadata()["causvid_training"])
-    assert shipped_cfg["out_dir"] == "runs/shapes/vae-decoder" and shipped_cfg["init"] == "runs/shapes/vae/final.safetensors"
+    assert shipped_cfg["out_dir"] == "runs/shapes/vae-decoder"
+    assert shipped_cfg["init"] == "runs/shapes/vae/final.safetensors"
     tuned = load_wan_vae(run / "vae-decoder" / "final.safetensors").state_dict()
     shipped = load_wan_vae(out / "vae.safetensors").state_dict()
     key = next(k for k in tuned if k.startswith("decoder.") and k.endswith("weight"))
