@@ -12,7 +12,7 @@
 #
 # Version 10: a VAE whose latent carries the prompt's colour, shape and direction where the object is
 # (four runs, about 51-64 min) and its decoder fine-tuned for a DiT's latents with a centroid term on the
-# object's steps from frame to frame (400 steps at lr 1e-4, about 15 min alone), then the bidirectional
+# object's steps from frame to frame (400 steps at lr 1e-4, about 14 min alone), then the bidirectional
 # teacher (7000 steps), a causal teacher fine-tuned from it in two runs, and the student distilled from the
 # causal teacher by ODE initialisation (its ODE pairs, then regression onto them). Every stage of version 10
 # was trained afresh with these commands (version 9 shipped version 6's DiT).

@@ -13,7 +13,7 @@ from causvid_core.bundle import load_bundle
 from causvid_core.vae import latent_stats_of, load_wan_vae
 from training import distill
 from training.config import make_config
-from training.export import export
+from training.export import OUTSIDE_RUNS, _portable, export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,3 +127,14 @@ def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> 
     card = (out / "MODEL_CARD.md").read_text()
     assert "<summary>ode-init-causal-teacher</summary>" in card and "<summary>teacher-causal</summary>" in card
     assert "<summary>dmd-causal-teacher</summary>" not in card
+
+
+def test_a_card_names_no_folder_outside_the_runs_directory() -> None:
+    # a stage started from weights in a scratch folder (an experiment promoted to the recipe): the card says the
+    # weights came from outside the runs folder without naming the machine's folder
+    cfg = {"runs_dir": "/data/me/runs", "init": "/scratch/me/dec/final.safetensors", "out_dir": "/scratch/me/dec2",
+           "data": "/data/me/runs/shapes/latents", "lr": 1e-4}
+    card = _portable(cfg, "runs/shapes/vae-decoder")
+    assert card == {"runs_dir": "runs", "init": OUTSIDE_RUNS, "out_dir": "runs/shapes/vae-decoder",
+                    "data": "runs/shapes/latents", "lr": 1e-4}
+    assert "/scratch" not in json.dumps(_portable(cfg)) and _portable(cfg)["out_dir"] == OUTSIDE_RUNS
