@@ -50,8 +50,7 @@ def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
     sd = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
     meta = {k: v for k, v in file_metadata(src).items() if k != "format"}
     if "causvid_training" in meta:  # the shipped weights name no folder of the training machine either
-        folder = f"runs/{src.parent.parent.name}/{src.parent.name}"
-        meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"]), folder))
+        meta["causvid_training"] = json.dumps(_portable(json.loads(meta["causvid_training"]), src.parent))
     meta.update(extra or {})
     save_weights(sd, dst, meta)
     return dst.stat().st_size
@@ -72,11 +71,12 @@ def stage_summary(folder: Path) -> dict[str, Any] | None:
     return {"steps": int(last["step"]), "wall_s": last.get("wall_s", 0.0), "last": means}
 
 
-def _portable(cfg: dict[str, Any], folder: str | None = None) -> dict[str, Any]:
+def _portable(cfg: dict[str, Any], stage_dir: Path | None = None) -> dict[str, Any]:
     """``runs_dir`` becomes ``runs`` and paths under it ``runs/...``: the card names no folder of the
     machine that trained the model (the recipe's commands use ``--runs-dir runs``). A stage trained
-    elsewhere and moved into the run folder (an experiment promoted to the recipe) gets ``folder``, where it
-    now lies, as its ``out_dir``; any other path outside the runs folder is named only as such."""
+    elsewhere and moved into the run folder (an experiment promoted to the recipe) gets ``stage_dir``, where
+    it now lies, as its ``out_dir`` (``runs/NAME/STAGE``); any other path outside the runs folder is named
+    only as such."""
     root = cfg.get("runs_dir")
     if not isinstance(root, str) or not root:
         return cfg
@@ -88,7 +88,10 @@ def _portable(cfg: dict[str, Any], folder: str | None = None) -> dict[str, Any]:
         elif isinstance(value, str) and value.startswith(prefix):
             value = "runs/" + value[len(prefix) :]
         elif isinstance(value, str) and value.startswith("/"):
-            value = folder if key == "out_dir" and folder else OUTSIDE_RUNS
+            if key == "out_dir" and stage_dir is not None:  # an experiment promoted: where it lies now
+                value = f"runs/{stage_dir.parent.name}/{stage_dir.name}"
+            else:
+                value = OUTSIDE_RUNS
         out[key] = value
     return out
 
@@ -118,8 +121,8 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
         summary = stage_summary(run / stage)
         meta = file_metadata(run / stage / "final.safetensors")  # {} when the stage has no final weights
         # the training config saved in the stage's final weights, with this machine's paths made portable
-        cfg = json.loads(meta["causvid_training"]) if meta.get("causvid_training") else None
-        cfg = _portable(cfg, f"runs/{run.name}/{stage}") if cfg else None
+        raw = meta.get("causvid_training")
+        cfg = _portable(json.loads(raw), run / stage) if raw else None
         if cfg:
             configs[stage] = cfg
         if summary is None:

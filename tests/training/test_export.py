@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_a_card_names_no_folder_outside_the_runs_directory() -> None:
     # weights came from outside the runs folder without naming the machine's folder
     cfg = {"runs_dir": "/data/me/runs", "init": "/scratch/me/dec/final.safetensors", "out_dir": "/scratch/me/dec2",
            "data": "/data/me/runs/shapes/latents", "lr": 1e-4}
-    card = _portable(cfg, "runs/shapes/vae-decoder")
+    card = _portable(cfg, Path("/data/me/runs/shapes/vae-decoder"))
     assert card == {"runs_dir": "runs", "init": OUTSIDE_RUNS, "out_dir": "runs/shapes/vae-decoder",
                     "data": "runs/shapes/latents", "lr": 1e-4}
     assert "/scratch" not in json.dumps(_portable(cfg)) and _portable(cfg)["out_dir"] == OUTSIDE_RUNS
