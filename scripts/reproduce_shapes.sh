@@ -10,7 +10,7 @@ PY=${PYTHON:-python}
 RUNS=${RUNS:-runs}
 RUN="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
-VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder (versions 6-10); the VAE stage's own before it
+VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder (versions 6-11); the VAE stage's own before it
 [ -f "$VAE" ] || VAE="$RUN/vae/final.safetensors"
 OUT="$RUN/eval"
 PROMPTS=${PROMPTS:-64}
@@ -21,7 +21,7 @@ NPROC=${NPROC:-2}  # ranks of one thread each, as scripts/train_shapes.sh
 PORT=${PORT:-29512}
 source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 
-# Ablation trainings. The recipe (versions 5 to 10) already made the causal teacher (fine-tuned from the
+# Ablation trainings. The recipe (versions 5 to 11) already made the causal teacher (fine-tuned from the
 # bidirectional one) and the student initialised on its ODE pairs (shipped since version 6).
 stage ode-pairs                                                   # the bidirectional teacher's pairs
 stage ode-init --resume                                           # ODE init only

@@ -10,12 +10,14 @@
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 #
-# Version 10: a VAE whose latent carries the prompt's colour, shape and direction where the object is
+# Version 11: a VAE whose latent carries the prompt's colour, shape and direction where the object is
 # (four runs, about 51-64 min) and its decoder fine-tuned for a DiT's latents with a centroid term on the
-# object's steps from frame to frame (400 steps at lr 1e-4, about 14 min alone), then the bidirectional
-# teacher (7000 steps), a causal teacher fine-tuned from it in two runs, and the student distilled from the
-# causal teacher by ODE initialisation (its ODE pairs, then regression onto them). Every stage of version 10
-# was trained afresh with these commands (version 9 shipped version 6's DiT).
+# object's steps from frame to frame and the object's pixels weighted 3 (400 steps at lr 1e-4, about 10-14
+# min alone), then the bidirectional teacher (7000 steps), a causal teacher fine-tuned from it in two runs,
+# and the student distilled from the causal teacher by ODE initialisation (its ODE pairs, then regression
+# onto them). Every stage of version 10 was trained afresh with these commands (version 9 shipped version
+# 6's DiT); version 11 differs only in the decoder stage's --mask-weight (3; version 10 ran 1: git show
+# 88d9bb1:scripts/train_shapes.sh).
 # Versions 6 to 9 differed only in the decoder stage: version 9 ran 600 steps at lr 1e-4 on latent noise 0.5
 # with the centroid term on the object's place (git show 298b99b:scripts/train_shapes.sh), version 8 the same
 # at lr 5e-5 (git show 1394ec5:scripts/train_shapes.sh), version 7 at lr 5e-5 for 300 steps (git show
@@ -59,9 +61,11 @@ vae "$V/vae" "${S[@]}" "${M[@]}" --init "$V/vae-code/final.safetensors" --steps 
 # object into pieces or paints a black background grey a second into a long video. The centroid term pulls
 # the drawn object's step from each frame to the next onto the clip's (--centroid-motion; versions 7-9 pulled
 # its place): a probe reads the motion from the student's latents to 0.16 px per frame, its decoders
-# drew it to 0.3: the decoder is where motion gets lost (docs/reproduction.md, The VAE). Shipped as vae.safetensors
+# drew it to 0.3: the decoder is where motion gets lost (docs/reproduction.md, The VAE). The object's pixels
+# weigh 3 (--mask-weight): at 1 the decoder rounds squares and triangles off, at 10 it breaks a 2-minute
+# video (The VAE, "The mask weight keeps the corners"). Shipped as vae.safetensors
 vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 400 --lr 1e-4 --lr-warmup 20 \
-    --latent-noise 0.25 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 1 --colour-weight 10 \
+    --latent-noise 0.25 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 3 --colour-weight 10 \
     --object-colour-weight 1 --guide-steps 0 --image-steps 0 --centroid-weight 2 --centroid-motion true \
     --skip-grad-norm 1000
 
@@ -76,6 +80,6 @@ finished "$V/teacher-causal" || stage teacher --kind causal --data "$LATENTS" \
     --init "$V/teacher-causal-base/final.safetensors" --steps 3500 --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
-# versions 6 to 10 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
+# versions 6 to 11 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
 # (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
 "$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal
