@@ -77,6 +77,9 @@ class VAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+    # the decoder's own widths per stage (as dim_mult; None: the encoder's). The latents are the same for any
+    # decoder, so a wider one can be fitted to a trained encoder (and every DiT on its latents) alone
+    decoder_dim_mult: tuple[int, ...] | None = None
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
 

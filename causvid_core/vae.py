@@ -237,7 +237,7 @@ class Decoder3d(nn.Module):
 
     def __init__(self, cfg: VAEConfig, dropout: float = 0.0) -> None:
         super().__init__()
-        mult = cfg.dim_mult
+        mult = cfg.decoder_dim_mult or cfg.dim_mult
         dims = [cfg.base_dim * m for m in (mult[-1], *mult[::-1])]
         temporal_upsample = cfg.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
@@ -278,6 +278,11 @@ class WanVAE(nn.Module):
         if len(cfg.temporal_downsample) != len(cfg.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs {len(cfg.dim_mult) - 1} entries (one per downsample)"
+            )
+        if cfg.decoder_dim_mult is not None and len(cfg.decoder_dim_mult) != len(cfg.dim_mult):
+            raise ValueError(
+                f"decoder_dim_mult {cfg.decoder_dim_mult} needs {len(cfg.dim_mult)} entries, one per stage as "
+                f"dim_mult {cfg.dim_mult}"
             )
         self.config = cfg
         self.encoder = Encoder3d(cfg, cfg.z_dim * 2, dropout)
@@ -564,10 +569,17 @@ def infer_vae_config(
         w = sd[f"encoder.downsamples.{s * (num_res_blocks + 1)}.residual.2.weight"].shape[0]
         mult.append(w // base_dim)
     temporal = tuple(f"encoder.downsamples.{r}.time_conv.weight" in sd for r in sorted(resamples))
-    if mult[-1] * base_dim != top:
-        raise ValueError("encoder and decoder widths disagree: not a Wan2.1 VAE state dict")
+    decoder_mult = []  # the decoder's stages run the other way: its first stage is the encoder's last
+    for s in range(stages):
+        key = f"decoder.upsamples.{s * (num_res_blocks + 2)}.residual.2.weight"
+        if key not in sd:
+            raise ValueError(f"not a Wan2.1 VAE state dict: no {key!r}")
+        decoder_mult.insert(0, sd[key].shape[0] // base_dim)
+    if decoder_mult[-1] * base_dim != top:
+        raise ValueError("the decoder's widths disagree with each other: not a Wan2.1 VAE state dict")
     cfg = VAEConfig(z_dim=z_dim, base_dim=base_dim, dim_mult=tuple(mult), num_res_blocks=num_res_blocks,
-                    temporal_downsample=temporal)  # fmt: skip
+                    temporal_downsample=temporal,
+                    decoder_dim_mult=None if decoder_mult == mult else tuple(decoder_mult))  # fmt: skip
     if stats is not None:
         if len(stats[0]) != z_dim or len(stats[1]) != z_dim:
             raise ValueError(f"the file's latent statistics have {len(stats[0])} channels, its weights {z_dim}")

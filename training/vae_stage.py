@@ -565,13 +565,72 @@ def latent_statistics(vae: WanVAE, cfg: VAETrainConfig, batch: int = 8) -> tuple
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def load_init(vae: WanVAE, path: Path) -> tuple[list[float], list[float]] | None:
-    """Load VAE weights saved by a vae run (strictly: same architecture); returns their latent statistics
-    (None when the file has none)."""
+def _tile_index(old: int, new: int, groups: int, what: str) -> Tensor:
+    """Channel j of a tensor widened from ``old`` to ``new`` channels holds old channel j mod C (C the old
+    width), within each of ``groups`` equal blocks (time_conv's two frames, to_qkv's q, k and v)."""
+    c, c_new = old // groups, new // groups
+    if old % groups or new % groups or c_new % c:
+        raise ConfigError(f"cannot widen {what} from {old} to {new} channels: each new width must be a whole "
+                          "multiple of the old one (--arch.decoder-dim-mult: multiply the init's by 2, 3, ...)")
+    return torch.tensor([g * c + j % c for g in range(groups) for j in range(c_new)])
+
+
+def widen_decoder(sd: dict[str, Tensor], vae: WanVAE, jitter: float = 0.0, seed: int = 0) -> dict[str, Tensor]:
+    """``sd`` (a VAE state dict) with its decoder widened to ``vae``'s, drawing the same video: every channel
+    of a wider layer is a copy of an old one (``_tile_index``) and every weight reading copies is divided by
+    their count. Wan's RMS norm scales by the square root of the width, so copies keep its output; the
+    attention's queries shrink by the square root of the widening so its logits stay too; a shortcut the
+    wider block needs where the old one had none starts as the identity on the copies. The copies are
+    exact, so they would get the same gradients forever: ``jitter`` J > 0 adds seeded noise of J times each
+    widened weight's std to it, which parts them at a small cost to the start (0: the exact copy)."""
+    out = dict(sd)
+    gen = torch.Generator().manual_seed(seed)
+    for key, ref in vae.state_dict().items():
+        if not key.startswith("decoder.") or (key in sd and sd[key].shape == ref.shape):
+            continue
+        if key not in sd:
+            if ".shortcut." not in key:
+                raise ConfigError(f"cannot widen the init's decoder: it has no {key}")
+            if key.endswith("bias"):
+                out[key] = torch.zeros_like(ref)
+                continue
+            c = sd[key.replace("shortcut.weight", "residual.2.weight")].shape[1]  # the old block's width
+            o, i = ref.shape[:2]
+            same = (torch.arange(o)[:, None] % c) == (torch.arange(i)[None, :] % c)
+            out[key] = (same.to(ref.dtype) / (i // c)).view(ref.shape)
+            continue
+        old = sd[key]
+        if old.ndim != ref.ndim:
+            raise ConfigError(f"cannot widen {key}: shaped {list(old.shape)} in the init, {list(ref.shape)} here")
+        groups = 2 if ".time_conv." in key else 3 if ".to_qkv." in key else 1
+        w = old[_tile_index(old.shape[0], ref.shape[0], groups, key)]
+        if old.ndim >= 2 and key.endswith("weight") and old.shape[1] != ref.shape[1]:
+            w = w[:, _tile_index(old.shape[1], ref.shape[1], 1, key)] / (ref.shape[1] // old.shape[1])
+        if ".to_qkv." in key:  # q . k sums over r times the channels and is scaled by 1/sqrt(r) more
+            w = w.clone()
+            w[: ref.shape[0] // 3] /= (ref.shape[0] / old.shape[0]) ** 0.5
+        if jitter > 0 and w.ndim >= 2:
+            w = w + jitter * w.float().std() * torch.randn(w.shape, generator=gen).to(w)
+        out[key] = w.contiguous()
+    for key in sd:
+        if key.startswith("decoder.") and key not in vae.state_dict():
+            raise ConfigError(f"cannot widen the init's decoder to this one: it has no {key} (a shortcut the "
+                              "init needs where the wider block has none; widen every stage by the same factor)")
+    return out
+
+
+WIDEN_JITTER = 0.02  # a widened decoder's copies start this far apart (``widen_decoder``)
+
+
+def load_init(vae: WanVAE, path: Path, widen: bool = False, seed: int = 0) -> tuple[list[float], list[float]] | None:
+    """Load VAE weights saved by a vae run (strictly: same architecture; with ``widen``, a decoder narrower
+    than ``vae``'s is widened to it first, its copies parted by ``WIDEN_JITTER``, see ``widen_decoder``);
+    returns their latent statistics (None when the file has none)."""
     if not path.is_file():
         raise ConfigError(f"VAE init {path} not found: train the vae stage first or pass --init PATH")
     try:
-        vae.load_state_dict(load_file(str(path)))
+        sd = load_file(str(path))
+        vae.load_state_dict(widen_decoder(sd, vae, WIDEN_JITTER, seed) if widen else sd)
     except RuntimeError as e:
         raise ConfigError(
             f"{path} does not fit this VAE architecture ({e.args[0].splitlines()[0]})"
@@ -651,7 +710,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     frames_only_init = False  # an --init that never saw a clip: its temporal layers are at their random init
     if cfg.decoder_only or cfg.init:
         init_path = Path(cfg.init) if cfg.init else run_vae_path(cfg)
-        init_stats = load_init(raw, init_path)
+        # a decoder fine-tune may widen the init's decoder (--arch.decoder-dim-mult): the latents stay the same
+        init_stats = load_init(raw, init_path, widen=cfg.decoder_only, seed=cfg.seed)
         frames_only_init = clip_steps_of(init_path) == 0
         _say(ctx, f"VAE weights from {init_path}" + (" (trained on frames only)" if frames_only_init else ""))
     if cfg.decoder_only:  # the encoder (and so every latent and its statistics) stays as it is

@@ -321,6 +321,60 @@ def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_
         make_config("vae", "tiny", {"centroid_read": "centre"})
 
 
+@pytest.mark.parametrize("mult", [(2, 2, 2, 2), (2, 4, 4, 4)])
+def test_a_widened_decoder_draws_what_the_narrow_one_drew(mult) -> None:
+    """``widen_decoder``: the tiny VAE's decoder widened (the last stage alone, where a new shortcut is needed,
+    or every stage, attention included) decodes the same latents to the same video, and the wider file loads
+    back anywhere with its decoder's widths read from its shapes (the latents, so every DiT, unchanged)."""
+    import dataclasses
+
+    from causvid_core.vae import VAEStreamState
+    from training.vae_stage import widen_decoder
+
+    cfg = make_config("vae", "tiny", {})
+    vae, video, _ = tiny_vae_batch(cfg)
+    with torch.no_grad():  # norms and biases away from their init, so a wrong copy shows
+        for name, p in vae.named_parameters():
+            if name.endswith(("gamma", "bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    wide_cfg = dataclasses.replace(cfg.arch, decoder_dim_mult=mult)
+    wide = WanVAE(wide_cfg)
+    wide.load_state_dict(widen_decoder(vae.state_dict(), wide))
+    z = torch.randn(1, 16, 2, 4, 4)
+    with torch.no_grad():
+        narrow_out = vae.decoder(vae.conv2(z, VAEStreamState("decode")), VAEStreamState("decode"))
+        wide_out = wide.decoder(wide.conv2(z, VAEStreamState("decode")), VAEStreamState("decode"))
+    assert sum(p.numel() for p in wide.decoder.parameters()) > sum(p.numel() for p in vae.decoder.parameters())
+    assert narrow_out.abs().mean() > 0.05 and torch.allclose(wide_out, narrow_out, atol=1e-5)
+    loaded = load_wan_vae(wide.state_dict())  # no config given: read from the shapes
+    assert loaded.config.decoder_dim_mult == mult and loaded.config.dim_mult == cfg.arch.dim_mult
+    assert load_wan_vae(vae.state_dict()).config.decoder_dim_mult is None  # a plain VAE stays plain
+
+
+def test_a_decoder_fine_tune_widens_its_init_and_keeps_the_encoder(tmp_path) -> None:
+    """``vae --decoder-only true --arch.decoder-dim-mult ...``: the run starts from the narrower vae/final
+    widened, trains the wider decoder, and its final file loads as a VAE with the same latents; widths that
+    are not whole multiples of the init's are refused with the fix."""
+    base = {"runs_dir": str(tmp_path), "save_every": "10", "stats_samples": "8", "clip_frames": "5",
+            "lr_warmup": "2"}  # fmt: skip
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "10", "lr": "3e-3"}))
+    narrow = tmp_path / "shapes" / "vae" / "final.safetensors"
+    rows = distill.run("vae", make_config("vae", "tiny", {**base, "steps": "10", "lr": "1e-3", "decoder_only": "true",
+                                                           "arch.decoder_dim_mult": "2,2,2,2"}))["rows"]
+    assert len(rows) == 10 and np.isfinite([r["psnr"] for r in rows]).all()
+    final = tmp_path / "shapes" / "vae-decoder" / "final.safetensors"
+    wide = load_wan_vae(final)
+    assert wide.config.decoder_dim_mult == (2, 2, 2, 2) and latent_stats_of(final) == latent_stats_of(narrow)
+    head = wide.decoder.head[2].weight  # reads the last stage's 16 channels, copies of the init's 8 at the start:
+    assert not torch.allclose(head[:, :8], head[:, 8:], atol=1e-4)  # the copies were parted, so both halves learn
+    clip = ShapesDataset(5, 32, seed=3).sample(0)[0][None]
+    assert torch.equal(wide.encode(clip), load_wan_vae(narrow).encode(clip))
+    with pytest.raises(ConfigError, match="whole multiple"):
+        distill.run("vae", make_config("vae", "tiny", {**base, "steps": "2", "decoder_only": "true",
+                                                        "out_dir": str(tmp_path / "odd"),
+                                                        "arch.decoder_dim_mult": "1,3,2,2"}))
+
+
 def test_decoder_fine_tune_needs_a_finished_vae(tmp_path) -> None:
     cfg = make_config("vae", "tiny", {"runs_dir": str(tmp_path), "decoder_only": "true"})
     with pytest.raises(ConfigError, match="python -m training.distill vae"):
