@@ -62,10 +62,10 @@ vae "$V/vae" "${S[@]}" "${M[@]}" --init "$V/vae-code/final.safetensors" --steps 
 # the drawn object's step from each frame to the next onto the clip's (--centroid-motion; versions 7-9 pulled
 # its place): a probe reads the motion from the student's latents to 0.16 px per frame, its decoders
 # drew it to 0.3: the decoder is where motion gets lost (docs/reproduction.md, The VAE). The object's pixels
-# weigh 3 (--mask-weight): at 1 the decoder rounds squares and triangles off, at 10 it breaks a 2-minute
-# video (The VAE, "The mask weight keeps the corners"). Shipped as vae.safetensors
+# weigh 7 (--mask-weight): at 1 the decoder rounds squares and triangles off, at 10 it breaks a 2-minute
+# video, 3 keeps fewer corners (The VAE, "The mask weight keeps the corners"). Shipped as vae.safetensors
 vae "$V/vae-decoder" --decoder-only true --init "$V/vae/final.safetensors" --steps 400 --lr 1e-4 --lr-warmup 20 \
-    --latent-noise 0.25 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 3 --colour-weight 10 \
+    --latent-noise 0.25 --clean-channels 0-2 --latent-shift 0.3 --clip-frames 17 --mask-weight 7 --colour-weight 10 \
     --object-colour-weight 1 --guide-steps 0 --image-steps 0 --centroid-weight 2 --centroid-motion true \
     --skip-grad-norm 1000
 
