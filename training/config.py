@@ -205,6 +205,10 @@ class VAETrainConfig(RunConfig):
     # and place), this many of the init's latent stds: a DiT's latents drift off the encoder's as a whole, and a
     # decoder never shown that turns a slightly-off black background grey a second into a long video
     latent_shift: float = 0.0
+    # per-channel exceptions to --latent-shift, 'CHANNELS:STDS,...' (e.g. '3-6:0.5,13:0.4'): a DiT's latents drift
+    # further on some channels than on others (scripts/latent_drift.py measures it), and one offset size for all
+    # either leaves a decoder fragile on those or blurs the rest
+    latent_shift_channels: str = ""
     # decoder fine-tune only: this share of clips is decoded from latents whose shape code (channels 3-5) is that
     # of the same video drawn as another shape, every other channel the original's, and must come out as that
     # other video: meant to make a decoder draw the shape the code names (version 6's barely reads the code;

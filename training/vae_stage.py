@@ -347,6 +347,32 @@ def channel_list(spec: str, z_dim: int, flag: str) -> list[int]:
     return out
 
 
+def shift_sizes(spec: str, default: float, z_dim: int) -> list[float]:
+    """Per-channel offset sizes (in latent stds): ``default`` everywhere but the channels ``spec`` names,
+    '3-6:0.5,13:0.4' (channels as for --clean-channels, then a colon and the size)."""
+    sizes = [default] * z_dim
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        channels, colon, size = part.partition(":")
+        try:
+            value = float(size)
+        except ValueError:
+            value = -1.0
+        if not colon or not value >= 0:
+            raise ConfigError(f"--latent-shift-channels {spec!r}: {part!r} is not CHANNELS:STD; give e.g. "
+                              "'3-6:0.5,13:0.4' (offset sizes >= 0 in latent stds)")  # fmt: skip
+        for c in channel_list(channels, z_dim, "--latent-shift-channels"):
+            sizes[c] = value
+    return sizes
+
+
+def channel_shift_std(cfg: VAETrainConfig, init_std: Tensor | None) -> Tensor | None:
+    """The per-clip offsets' std per channel in raw latent units [1, C, 1, 1, 1] (None: no offsets)."""
+    sizes = shift_sizes(cfg.latent_shift_channels, cfg.latent_shift, cfg.arch.z_dim)
+    if init_std is None or not any(sizes):
+        return None
+    return torch.tensor(sizes, device=init_std.device).view(1, -1, 1, 1, 1) * init_std
+
+
 def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     state = VAEStreamState("decode")
     return vae.decoder(vae.conv2(z, state), state)
@@ -722,6 +748,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
                 f"{init_path} has no latent statistics: fine-tune the decoder of a finished vae run"
             )
         setattr(raw, FROZEN_STATS_ATTR, init_stats)
+    if cfg.latent_shift_channels and not cfg.decoder_only:
+        raise ConfigError(f"--latent-shift-channels {cfg.latent_shift_channels!r}: per-clip offsets are for a decoder "
+                          "fine-tune; use it with --decoder-only true")  # fmt: skip
     for flag, value, what in (("--latent-noise", cfg.latent_noise, "noise"),
                               ("--latent-shift", cfg.latent_shift, "per-clip offset")):  # fmt: skip
         if value < 0 or (value > 0 and not cfg.decoder_only):
@@ -736,7 +765,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     elif cfg.clean_channels:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
                           "give --latent-noise too")  # fmt: skip
-    shift_std = cfg.latent_shift * init_std if cfg.latent_shift > 0 else None
+    shift_std = channel_shift_std(cfg, init_std)
     if not 0 <= cfg.code_swap <= 1 or (cfg.code_swap > 0 and not cfg.decoder_only):
         raise ConfigError(f"--code-swap {cfg.code_swap}: the share of a decoder fine-tune's clips decoded with "
                           "another shape's code; use a value in 0..1 with --decoder-only true")  # fmt: skip

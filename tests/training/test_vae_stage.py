@@ -634,6 +634,22 @@ def test_latent_noise_is_in_units_of_the_stored_latent_stds_and_needs_a_decoder_
     with pytest.raises(ConfigError, match="--latent-shift.*--decoder-only true"):
         distill.run("vae", make_config("vae", "tiny", {"latent_shift": "0.5", "steps": "1"}))
 
+    # --latent-shift-channels: its channels get their own offset size (0 = none), the rest --latent-shift's
+    seen.clear()
+    distill.run("vae", make_config("vae", "tiny", {**base, "steps": "4", "decoder_only": "true", "batch_size": "16",
+                                                   "latent_shift": "0.2", "latent_shift_channels": "0-1:0.8,3:0",
+                                                   "out_dir": str(tmp_path / "shift-channels")}))  # fmt: skip
+    scaled = torch.cat(seen)[:, :, 0, 0, 0] / std  # [64 clips, C]
+    sizes = scaled.std(0)
+    assert scaled[:, 3].abs().max() == 0
+    assert torch.all((sizes[:2] - 0.8).abs() < 0.2) and torch.all((sizes[4:] - 0.2).abs() < 0.07)
+    for bad in ("0-1", "0:big", "0:-1", "99:0.5"):
+        with pytest.raises(ConfigError, match="--latent-shift-channels"):
+            distill.run("vae", make_config("vae", "tiny", {**base, "steps": "1", "decoder_only": "true",
+                                                           "latent_shift_channels": bad}))  # fmt: skip
+    with pytest.raises(ConfigError, match="--latent-shift-channels.*--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {"latent_shift_channels": "0:0.5", "steps": "1"}))
+
 
 def test_a_clip_run_chained_onto_frame_runs_starts_from_inflated_temporal_layers(tmp_path, monkeypatch) -> None:
     """A VAE trained on frames in one run and on clips in the next (--init A --image-steps 0) must enter
