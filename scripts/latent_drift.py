@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from causvid_core.bundle import load_bundle, vae_file  # noqa: E402
-from causvid_core.checkpoint import describe  # noqa: E402
 from causvid_core.pipeline import PromptTimeline, RenderRequest, render  # noqa: E402
 from causvid_core.text import ShapesTextEncoder  # noqa: E402
 from causvid_core.vae import load_wan_vae  # noqa: E402
@@ -43,11 +42,8 @@ def offsets(
         raise SystemExit("--vae PATH is needed with a checkpoint (the VAE whose latents the student makes)")
     vae = load_wan_vae(path)
     bundle = load_bundle(model, dtype=torch.float32)
-    text = bundle.text_encoder
-    # a student checkpoint has none: the Shapes text encoder of its config, as training.eval builds it
-    if text is None:
-        cfg = describe(model).config
-        text = ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0)
+    cfg = bundle.model.config  # a student checkpoint has no text encoder: the Shapes one of its sizes
+    text = bundle.text_encoder or ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0)
     frames = int(round(seconds * bundle.fps))
     out = []
     for i, prompt in enumerate(prompts):
