@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from causvid_core.bundle import load_bundle, vae_file  # noqa: E402
 from causvid_core.pipeline import PromptTimeline, RenderRequest, render  # noqa: E402
-from causvid_core.text import ShapesTextEncoder  # noqa: E402
 from causvid_core.vae import load_wan_vae  # noqa: E402
+from training.data import checkpoint_text_encoder  # noqa: E402
 from training.shapes import prompt_set, render_video, to_model_range  # noqa: E402
 
 BLOCK = 4  # latent frames per block: one second at 16 fps
@@ -42,8 +42,8 @@ def offsets(
         raise SystemExit("--vae PATH is needed with a checkpoint (the VAE whose latents the student makes)")
     vae = load_wan_vae(path)
     bundle = load_bundle(model, dtype=torch.float32)
-    cfg = bundle.model.config  # a student checkpoint has no text encoder: the Shapes one of its sizes
-    text = bundle.text_encoder or ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0)
+    # a student checkpoint has no text encoder: the Shapes one its run used
+    text = bundle.text_encoder or checkpoint_text_encoder(model, bundle.model.config)
     frames = int(round(seconds * bundle.fps))
     out = []
     for i, prompt in enumerate(prompts):

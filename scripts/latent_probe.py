@@ -262,11 +262,10 @@ def position(vae, clips: int, steps: int, decoders: list[str], student: str | No
     if student:
         from causvid_core.bundle import load_bundle
         from causvid_core.pipeline import PromptTimeline, RenderRequest, render
-        from causvid_core.text import ShapesTextEncoder
+        from training.data import checkpoint_text_encoder
 
         bundle = load_bundle(student, dtype=torch.float32)
-        cfg = bundle.model.config
-        text = bundle.text_encoder or ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0)
+        text = bundle.text_encoder or checkpoint_text_encoder(student, bundle.model.config)
         names, zs = prompt_set(student_prompts, seed=0), []
         for i, prompt in enumerate(names):  # 9 frames: one chunk, the student's first 3 latent frames
             with torch.no_grad():

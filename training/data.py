@@ -123,6 +123,32 @@ def text_encoder(cfg: RunConfig) -> ShapesTextEncoder:
     return ShapesTextEncoder(cfg.dit.text_dim, cfg.dit.text_len, seed=cfg.text_seed)
 
 
+def checkpoint_text_encoder(source: str | Path, config: Any | None = None) -> ShapesTextEncoder:
+    """The Shapes text encoder a model was trained with: ``embedded:NAME`` or a training checkpoint.
+
+    An embedded model ships its encoder (text.safetensors). A checkpoint of ``runs/`` carries none, so
+    this rebuilds the one its run used: the checkpoint's text_dim / text_len (``config``, its DiTConfig
+    when already loaded, else read from the file) and the run's ``--text-seed`` from its
+    ``causvid_training`` metadata (0 when the file has none).
+    """
+    name = str(source)
+    if name.startswith("embedded:"):
+        from safetensors.torch import load_file
+
+        from causvid_core.bundle import embedded_file
+
+        return ShapesTextEncoder.from_state_dict(load_file(str(embedded_file(name[len("embedded:") :], "text"))))
+    if config is None:
+        from causvid_core.checkpoint import describe
+
+        config = describe(source).config
+    seed = 0
+    raw = file_metadata(Path(source)).get("causvid_training") if Path(source).is_file() else None
+    if raw:
+        seed = int(json.loads(raw).get("text_seed", 0))
+    return ShapesTextEncoder(config.text_dim, config.text_len, seed=seed)
+
+
 def uncond_context(cfg: RunConfig, path: str | None = None) -> Tensor:
     """The negative / empty-prompt embedding [1, L, D]: zeros (the empty Shapes prompt) or a file."""
     if path is None:

@@ -315,7 +315,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--videos", type=Path, help="folder of mp4 files with prompts.json or prompts.csv")
     src.add_argument("--ground-truth", type=int, metavar="N", help="score N rendered ground-truth videos")
     src.add_argument("--model", help="stream videos with a causal student: embedded:NAME or a checkpoint")
-    src.add_argument("--teacher", help="sample videos with a many-step teacher checkpoint (sliding windows)")
+    src.add_argument("--teacher", help="sample videos with a many-step teacher (sliding windows): a checkpoint, "
+                     "or embedded:NAME for the teacher an embedded model ships")
     src.add_argument("--compare", nargs="+", metavar="JSON[=LABEL]",
                      help="plot the drift curves of earlier --drift runs side by side into --drift PNG")  # fmt: skip
     src.add_argument("--paired", nargs=2, type=Path, metavar=("BASE_JSON", "NEW_JSON"),
@@ -326,7 +327,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--teacher-steps", type=int, default=50, help="Euler steps of --teacher (default 50)")
     ap.add_argument("--guidance", type=float, default=6.0, help="CFG scale of --teacher (default 6)")
-    ap.add_argument("--causal-chunk", type=int, help="--teacher is block-causal with chunks of this size")
+    ap.add_argument("--causal-chunk", type=int, help="--teacher is block-causal with chunks of this size (default: a causal teacher's own, "
+                    "from its training metadata; none for a bidirectional one)")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of ground-truth videos (default 5)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt set and first video seed")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -342,27 +344,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _model_fn(args: argparse.Namespace) -> Any:
     """The generator of ``--model`` / ``--teacher`` with its VAE and text encoder."""
-    from causvid_core.bundle import vae_file
-    from causvid_core.text import ShapesTextEncoder
+    from causvid_core.bundle import embedded_file, vae_file
     from causvid_core.vae import load_wan_vae
 
     from . import generators
+    from .data import checkpoint_text_encoder
 
-    source = args.model or ""
+    source = args.model or args.teacher
     vae_path = vae_file(args.vae, source)
     if vae_path is None:
         raise SystemExit("--vae PATH is needed with a checkpoint (e.g. runs/shapes/vae/final.safetensors)")
     vae = load_wan_vae(vae_path)
-    from causvid_core.checkpoint import describe
-
-    cfg = describe(source).config if args.model and not source.startswith("embedded:") else None
-    if args.teacher:
-        cfg = describe(args.teacher).config
-    text = ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0) if cfg is not None else None
+    text = checkpoint_text_encoder(source)
     if args.model:
         return generators.student(args.model, vae, text=text)
-    return generators.teacher(args.teacher, vae, text, steps=args.teacher_steps, guidance=args.guidance,
-                              causal_chunk=args.causal_chunk)  # fmt: skip
+    teacher = args.teacher
+    if teacher.startswith("embedded:"):  # the teacher an embedded model ships (teacher.safetensors)
+        teacher = embedded_file(teacher[len("embedded:") :], "teacher")
+    chunk = args.causal_chunk if args.causal_chunk is not None else _trained_causal_chunk(Path(teacher))
+    return generators.teacher(teacher, vae, text, steps=args.teacher_steps, guidance=args.guidance,
+                              causal_chunk=chunk)  # fmt: skip
+
+
+def _trained_causal_chunk(path: Path) -> int | None:
+    """The chunk size a ``teacher --kind causal`` checkpoint was trained with (its metadata); None otherwise."""
+    from causvid_core.bundle import file_metadata
+
+    raw = file_metadata(path).get("causvid_training") if path.is_file() else None
+    cfg = json.loads(raw) if raw else {}
+    if cfg.get("kind") != "causal":
+        return None
+    chunk = int(cfg.get("causal", {}).get("chunk_frames", 3))
+    print(f"{path.name}: a causal teacher (teacher --kind causal), sampled chunk-causally in chunks of {chunk}")
+    return chunk
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -147,11 +147,10 @@ def run_all(model: str, vae_path: str | None = None, n: int = 12, strength: floa
     from causvid_core.vae import load_wan_vae
 
     bundle = load_bundle(model, dtype=torch.float32)
-    if bundle.text_encoder is None:  # a training checkpoint: the Shapes encoder of its sizes (seed 0)
-        from causvid_core.text import ShapesTextEncoder
+    if bundle.text_encoder is None:  # a training checkpoint: the Shapes encoder its run used
+        from .data import checkpoint_text_encoder
 
-        cfg = bundle.model.config
-        bundle = dataclasses.replace(bundle, text_encoder=ShapesTextEncoder(cfg.text_dim, cfg.text_len))
+        bundle = dataclasses.replace(bundle, text_encoder=checkpoint_text_encoder(model, bundle.model.config))
     path = vae_file(vae_path, model)
     if path is None:
         raise ValueError("--vae PATH is needed with a checkpoint")

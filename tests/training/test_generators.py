@@ -50,3 +50,46 @@ def test_eval_cli_scores_a_model(tmp_path, monkeypatch) -> None:
                                "--json", str(out)])  # fmt: skip
     assert len(result["videos"]) == 2 and out.is_file()
     assert set(shapes_eval.FIGURES) <= set(result["summary"])
+
+
+def test_a_checkpoint_is_read_with_the_text_encoder_of_its_run(tmp_path, monkeypatch) -> None:
+    """A run trained with --text-seed 3 must be evaluated with that encoder, not seed 0's."""
+    from training.data import checkpoint_text_encoder
+
+    cfg = PRESETS["tiny"].dit
+    save_model(CausalWanModel(cfg), tmp_path / "student.safetensors",
+               extra_metadata={"causvid_training": {"text_seed": 3, "dit": {}}})  # fmt: skip
+    prompt = ["a red circle moving right"]
+    got = checkpoint_text_encoder(tmp_path / "student.safetensors").encode(prompt)
+    assert torch.equal(got, ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=3).encode(prompt))
+    assert not torch.equal(got, ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=0).encode(prompt))
+    make_embedded(tmp_path, "evalshapes", seed=5)  # an embedded model: the encoder it ships
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(tmp_path))
+    shipped = checkpoint_text_encoder("embedded:evalshapes").encode(prompt)
+    assert torch.equal(shipped, ShapesTextEncoder(cfg.text_dim, cfg.text_len, seed=5).encode(prompt))
+
+
+def test_eval_scores_the_teacher_an_embedded_model_ships(tmp_path, monkeypatch) -> None:
+    """--teacher embedded:NAME samples teacher.safetensors; a causal teacher keeps its trained chunks."""
+    from training import eval as shapes_eval
+
+    folder = make_embedded(tmp_path, "evalshapes")
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(tmp_path))
+    torch.manual_seed(1)
+    save_model(CausalWanModel(PRESETS["tiny"].dit), folder / "teacher.safetensors",
+               extra_metadata={"causvid_training": {"kind": "causal", "causal": {"chunk_frames": 2}}})  # fmt: skip
+    seen = {}
+    real = generators.teacher
+
+    def spy(path, vae, text, **kw):
+        seen.update(path=path, chunk=kw["causal_chunk"])
+        return real(path, vae, text, **kw)
+
+    monkeypatch.setattr(generators, "teacher", spy)
+    result = shapes_eval.main(["--teacher", "embedded:evalshapes", "--teacher-steps", "2", "--prompts", "1",
+                               "--seconds", "1"])  # fmt: skip
+    assert len(result["videos"]) == 1
+    assert seen == {"path": folder / "teacher.safetensors", "chunk": 2}
+    shapes_eval.main(["--teacher", "embedded:evalshapes", "--teacher-steps", "2", "--prompts", "1", "--seconds",
+                      "1", "--causal-chunk", "3"])  # fmt: skip
+    assert seen["chunk"] == 3  # an explicit --causal-chunk wins
