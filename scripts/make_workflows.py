@@ -279,13 +279,18 @@ def write_samples(folder: Path) -> None:
         writer.write(render_frames("a green triangle moving right on a white background", 1, 0, 33, 64))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Rewrite workflows/*.json (UI and API format) and their sample inputs.")
+    ap.add_argument("--no-samples", action="store_true", help="leave the sample PNG and MP4 as they are")
+    args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
     for name, (nodes, note) in workflows().items():
         title = name.replace("-", " ")
         (OUT / f"{name}.json").write_text(json.dumps(to_ui(nodes, title, note), indent=2) + "\n")
         (OUT / f"{name}.api.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
-    if "--no-samples" not in sys.argv:
+    if not args.no_samples:
         write_samples(OUT)
 
 

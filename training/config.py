@@ -463,12 +463,13 @@ def to_json(cfg: RunConfig) -> str:
     return json.dumps({"stage_config": type(cfg).__name__, **dataclasses.asdict(cfg)})
 
 
-def describe_fields(stage: str) -> str:
-    """``--help`` text: every option with its type and default."""
-    cls = STAGE_CONFIGS[stage]
-    lines = [f"python -m training.distill {stage} [--preset {'|'.join(TRAIN_PRESETS)}] [--key value ...]"]
-    for name, (f, tp) in _fields(cls).items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+def describe_fields(stage: str, preset: str = "shapes") -> str:
+    """``--help`` text: every option with its type and its value under ``preset`` (what a run gets unset)."""
+    cfg = make_config(stage, preset)
+    lines = [f"python -m training.distill {stage} [--preset {'|'.join(TRAIN_PRESETS)}] [--key value ...]",
+             f"defaults of --preset {preset} (--preset NAME --help lists another preset's):"]  # fmt: skip
+    for name, (_f, tp) in _fields(type(cfg)).items():
+        default = getattr(cfg, name)
         if dataclasses.is_dataclass(tp):
             for sub, (_sf, stp) in _fields(tp).items():
                 sd = getattr(default, sub)

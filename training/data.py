@@ -275,7 +275,7 @@ def build_source(cfg: RunConfig, codec: LatentCodec | None = None) -> ShapesSour
     """The stage's data: Shapes on the fly (``--data shapes``) or latent shards (``--data FOLDER``)."""
     if cfg.data == "shapes":
         return ShapesSource(cfg, codec or build_codec(cfg))
-    made = f"python -m training.distill precompute --preset {cfg.preset} --name {cfg.name}"
+    made = f"python -m training.distill precompute --preset {cfg.preset} --name {cfg.name} --runs-dir {cfg.runs_dir}"
     src = ShardSource(cfg.data, "latents", made)
     c, f, h, w = latent_shape(cfg)
     got = tuple(src.get([0]).latents.shape[1:])

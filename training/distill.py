@@ -111,7 +111,8 @@ def adamw(model: nn.Module, lr: float, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def make_command(stage: str, cfg: RunConfig, extra: str = "") -> str:
-    return f"python -m training.distill {stage} --preset {cfg.preset} --name {cfg.name}{extra}"
+    """The command that makes ``stage``'s output for this run (its preset, name and runs folder)."""
+    return f"python -m training.distill {stage} --preset {cfg.preset} --name {cfg.name} --runs-dir {cfg.runs_dir}{extra}"
 
 
 def require(path: str | None, default: Path, what: str, made_by: str, flag: str) -> Path:
@@ -754,7 +755,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if stage not in (*RUNNERS, "precompute"):
         raise ConfigError(f"unknown stage {stage!r}; {USAGE}")
     if "--help" in argv or "-h" in argv:
-        print(describe_fields(stage))
+        at = argv.index("--preset") if "--preset" in argv else -1
+        preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "shapes")
+        if 0 <= at < len(argv) - 1:
+            preset = argv[at + 1]
+        print(describe_fields(stage, preset))
         return {}
     return run(stage, parse_cli(stage, argv[1:]))
 

@@ -144,6 +144,26 @@ def model_card(run: Path, files: dict[str, int], figures: dict[str, Any] | None,
     return "\n".join(lines)
 
 
+def _made_by(folder: str, run: Path) -> str:
+    """The training command whose output is ``run/folder`` (the stage and the options that name it)."""
+    from .config import ConfigError, make_config, stage_name
+
+    variants = [("vae", {}), ("vae", {"decoder_only": True}), ("teacher", {}), ("teacher", {"kind": "causal"}),
+                ("ode-init", {}), ("ode-init", {"teacher_kind": "causal"}), ("dmd", {}),
+                ("dmd", {"teacher_kind": "causal"}), ("dmd", {"skip_ode_init": True}),
+                ("dmd", {"skip_ode_init": True, "teacher_kind": "causal"})]  # fmt: skip
+    for stage, options in variants:
+        try:
+            made = stage_name(make_config(stage, "shapes", options))
+        except ConfigError:
+            continue
+        if made == folder:
+            flags = "".join(f" --{k.replace('_', '-')} {str(v).lower() if v is True else v}" for k, v in options.items())
+            return (f"train it with python -m training.distill {stage} --preset shapes --name {run.name} "
+                    f"--runs-dir {run.parent}{flags} (scripts/train_shapes.sh and reproduce_shapes.sh run them all)")  # fmt: skip
+    return f"train the stage that writes it first (a stage's own folder, or one given --out-dir {run / folder})"
+
+
 def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
            figures: dict[str, Any] | None = None, commands: list[str] | None = None,
            teacher_stage: str = "teacher") -> dict[str, int]:  # fmt: skip
@@ -155,9 +175,9 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     needed = {"vae": vae, dit_stage: run / dit_stage / "final.safetensors"}
     if teacher:
         needed[teacher_stage] = run / teacher_stage / "final.safetensors"
-    for stage, path in needed.items():
+    for folder, path in needed.items():
         if not path.is_file():
-            raise ValueError(f"{path} not found: run the '{stage}' stage first (docs/reproduction.md)")
+            raise ValueError(f"{path} not found: {_made_by(folder, run)}")
     out.mkdir(parents=True, exist_ok=True)
     vae_meta = file_metadata(needed["vae"])
     stats = {"causvid_latents": vae_meta["causvid_latents"]} if "causvid_latents" in vae_meta else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,17 @@ def test_bad_options_name_the_problem() -> None:
     assert cfg.skip_ode_init and cfg.dit.num_layers == 3 and cfg.grad_clip == 2.5
 
 
+def test_stage_help_lists_the_values_a_run_of_the_preset_gets(capsys: pytest.CaptureFixture) -> None:
+    """--help shows the preset's values (what an unset option becomes), not the bare dataclass defaults."""
+    main(["teacher", "--help"])
+    shapes = capsys.readouterr().out
+    cfg = make_config("teacher", "shapes")
+    assert f"--steps (int, default {cfg.steps})" in shapes and f"--dit.dim (int, default {cfg.dit.dim})" in shapes
+    main(["teacher", "--preset", "tiny", "--help"])
+    tiny = capsys.readouterr().out
+    assert f"--dit.dim (int, default {make_config('teacher', 'tiny').dit.dim})" in tiny and tiny != shapes
+
+
 def test_fsdp_on_the_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     from training.dist import init_distributed
 
@@ -227,7 +239,9 @@ def test_fsdp_on_the_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch
 
 
 def test_missing_input_names_the_stage_and_command(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'teacher' stage makes it: python -m training.distill teacher"):
+    # the command it names writes where this run looks: the same --runs-dir
+    made = r"'teacher' stage makes it: python -m training.distill teacher .*--runs-dir " + re.escape(str(tmp_path))
+    with pytest.raises(ConfigError, match=made):
         run(tmp_path, "ode-init")
     with pytest.raises(ConfigError, match=r"'teacher' stage makes it"):
         run(tmp_path, "ode-pairs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,8 +91,14 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
 
 
 def test_export_names_the_missing_stage(tmp_path) -> None:
-    with pytest.raises(ValueError, match="run the 'vae' stage first"):
+    # the error gives the command that makes the missing folder, for this run's name and runs folder
+    made = r"vae/final.safetensors not found: train it with python -m training.distill vae --preset shapes "
+    with pytest.raises(ValueError, match=made + re.escape(f"--name nothing --runs-dir {tmp_path}")):
         export(tmp_path / "nothing", tmp_path / "out")
+    (tmp_path / "nothing" / "vae").mkdir(parents=True)
+    (tmp_path / "nothing" / "vae" / "final.safetensors").write_bytes(b"")  # present: the student is next
+    with pytest.raises(ValueError, match=r"dmd-causal-teacher/final.safetensors not found: .* dmd .*--teacher-kind causal"):
+        export(tmp_path / "nothing", tmp_path / "out", dit_stage="dmd-causal-teacher")
 
 
 def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> None:
@@ -118,7 +125,7 @@ def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> 
     assert "<summary>dmd-causal-teacher</summary>" in card and "<summary>dmd</summary>" not in card
     with safe_open(str(out / "teacher.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["causvid_training"])["kind"] == "causal"
-    with pytest.raises(ValueError, match="run the 'teacher-base' stage first"):
+    with pytest.raises(ValueError, match="teacher-base/final.safetensors not found: train the stage that writes it first"):
         export(run, out, teacher_stage="teacher-base")
 
     # version 6 ships the ODE-init student: its card ends the chain there (the DMD run after it is a Table 4 row)
