@@ -10,14 +10,14 @@
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 #
-# Version 11: a VAE whose latent carries the prompt's colour, shape and direction where the object is
+# Version 12: a VAE whose latent carries the prompt's colour, shape and direction where the object is
 # (four runs, about 51-64 min) and its decoder fine-tuned for a DiT's latents with a centroid term on the
-# object's steps from frame to frame and the object's pixels weighted 3 (400 steps at lr 1e-4, about 10-14
+# object's steps from frame to frame and the object's pixels weighted 7 (400 steps at lr 1e-4, about 10-14
 # min alone), then the bidirectional teacher (7000 steps), a causal teacher fine-tuned from it in two runs,
 # and the student distilled from the causal teacher by ODE initialisation (its ODE pairs, then regression
 # onto them). Every stage of version 10 was trained afresh with these commands (version 9 shipped version
-# 6's DiT); version 11 differs only in the decoder stage's --mask-weight (3; version 10 ran 1: git show
-# 88d9bb1:scripts/train_shapes.sh).
+# 6's DiT); versions 11 and 12 differ only in the decoder stage's --mask-weight (12: 7; 11: 3, git show
+# 791d0f2:scripts/train_shapes.sh; version 10 ran 1: git show 88d9bb1:scripts/train_shapes.sh).
 # Versions 6 to 9 differed only in the decoder stage: version 9 ran 600 steps at lr 1e-4 on latent noise 0.5
 # with the centroid term on the object's place (git show 298b99b:scripts/train_shapes.sh), version 8 the same
 # at lr 5e-5 (git show 1394ec5:scripts/train_shapes.sh), version 7 at lr 5e-5 for 300 steps (git show
@@ -80,6 +80,6 @@ finished "$V/teacher-causal" || stage teacher --kind causal --data "$LATENTS" \
     --init "$V/teacher-causal-base/final.safetensors" --steps 3500 --lr 1e-4 --resume
 stage ode-pairs --teacher-kind causal
 stage ode-init --teacher-kind causal --resume
-# versions 6 to 11 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
+# versions 6 to 12 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
 # (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
 "$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal

@@ -1,7 +1,7 @@
 """``python -m training.distill STAGE``: CausVid's recipe, stage by stage, one process or ``torchrun``.
 
 Stages (docs/training.md): ``vae`` (the Shapes VAE from scratch), ``precompute`` (videos -> latent shards), ``teacher`` (bidirectional flow
-matching, or a causal teacher with ``--causal``), ``ode-pairs`` (the teacher's 50-step CFG
+matching, or a causal teacher with ``--kind causal``), ``ode-pairs`` (the teacher's 50-step CFG
 trajectories at the student's timesteps), ``ode-init`` (causal student regressed onto x0) and ``dmd``
 (asymmetric distribution matching distillation). All randomness of step s on rank r comes from
 generators seeded by (seed, s, r), so ``--resume`` continues bit for bit.
