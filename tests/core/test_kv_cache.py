@@ -49,6 +49,14 @@ def test_estimate_matches_allocation_and_clone_is_independent() -> None:
         )
     cache.commit(0, 1)
     assert snapshot.num_frames == 0 and cache.num_frames == 1
+    # a branch taken after a chunk keeps that chunk's keys when the stream writes on (its own memory)
+    branch = cache.clone()
+    _write_chunk(cache, 1, 3, 5.0)
+    k, v = branch.read(0)
+    assert branch.num_frames == 1 and k.unique().tolist() == [1.0] and v.unique().tolist() == [1.0]
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(branch.keys, cache.keys, strict=True))
+    _write_chunk(branch, 1, 3, 7.0)  # and writing to the branch leaves the stream as it was
+    assert cache.read(0)[0][:, -3 * cache.tokens_per_frame :].unique().tolist() == [5.0]
 
 
 def test_real_size_estimate_is_reported_in_bytes() -> None:

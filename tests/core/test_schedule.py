@@ -53,7 +53,8 @@ def test_errors_name_the_line(text: str, message: str) -> None:
 
 
 def test_seconds_round_to_the_nearest_chunk_start() -> None:
-    """At 16 fps, chunks of 3 latent frames (12 pixel frames, 0.75 s): a change lands within half a chunk."""
+    """At 16 fps, chunks of 3 latent frames (12 pixel frames, 0.75 s): a change lands within half a chunk
+    plus one frame (0.4375 s; a time is first rounded to a latent frame, whose first pixel frame is 4L - 3)."""
     fps, k = 16, 3
     starts = chunk_starts(200, k)
     for tenth in range(0, 600, 7):
@@ -63,7 +64,7 @@ def test_seconds_round_to_the_nearest_chunk_start() -> None:
             continue
         c = entry_chunk(entry, "second", fps=fps, chunk_frames=k)
         start_s = max(0, 4 * starts[c] - 3) / fps  # first pixel frame of the chunk
-        assert abs(start_s - seconds) <= 0.75 / 2 + 0.25 + 1e-9, (seconds, c, start_s)
+        assert abs(start_s - seconds) <= 0.75 / 2 + 1 / fps + 1e-9, (seconds, c, start_s)
 
 
 def test_frames_and_image_first_chunk() -> None:

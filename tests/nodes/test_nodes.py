@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from causvid_core.video_io import probe_video
 
@@ -108,44 +109,57 @@ def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded) -> Non
 
 
 def test_sampler_latent_decodes_and_image_seed_starts_the_video(host, embedded) -> None:
-    p = loaders()
-    p["5"] = {
-        "class_type": "EmptyImage",
-        "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0xFF0000},
-    }
-    p["6"] = {"class_type": "CausVid_ImageToVideoSeed", "inputs": {"image": ["5", 0], "vae": ["2", 0],
-                                                                  "width": 32, "height": 32}}  # fmt: skip
-    p["7"] = {"class_type": "CausVid_Sampler", "inputs": {"model": ["1", 0], "prompts": ["3", 0],
-                                                         "image_seed": ["6", 0], **stream(length=21)}}  # fmt: skip
-    p["8"] = {
-        "class_type": "CausVid_Decode",
-        "inputs": {"vae": ["2", 0], "latent": ["7", 0], "chunk_frames": 3},
-    }
-    p["9"] = {
-        "class_type": "PreviewImage",
-        "inputs": {"images": ["8", 0]},
-    }  # ComfyUI's own node takes our IMAGE
-    result = host.execute(p)
-    assert result.success, result.error
-    latent = result.value("7")["samples"]
-    assert tuple(latent.shape) == (1, 16, 6, 4, 4)  # the image latent + 5 generated frames
-    assert result.value("8").shape == (21, 32, 32, 3)
+    later = []
+    for colour in (0xFF0000, 0x0000FF):
+        p = loaders()
+        p["5"] = {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": colour},
+        }
+        p["6"] = {"class_type": "CausVid_ImageToVideoSeed", "inputs": {"image": ["5", 0], "vae": ["2", 0],
+                                                                      "width": 32, "height": 32}}  # fmt: skip
+        p["7"] = {"class_type": "CausVid_Sampler", "inputs": {"model": ["1", 0], "prompts": ["3", 0],
+                                                             "image_seed": ["6", 0], **stream(length=21)}}  # fmt: skip
+        p["8"] = {
+            "class_type": "CausVid_Decode",
+            "inputs": {"vae": ["2", 0], "latent": ["7", 0], "chunk_frames": 3},
+        }
+        p["9"] = {
+            "class_type": "PreviewImage",
+            "inputs": {"images": ["8", 0]},
+        }  # ComfyUI's own node takes our IMAGE
+        result = host.execute(p)
+        assert result.success, result.error
+        latent = result.value("7")["samples"]
+        assert tuple(latent.shape) == (1, 16, 6, 4, 4)  # the image latent + 5 generated frames
+        # the video starts at the seed image's latent, and what follows is generated from it
+        assert torch.allclose(latent[:, :, :1], result.value("6")["samples"].float(), atol=1e-4)
+        assert result.value("8").shape == (21, 32, 32, 3)
+        later.append(latent[:, :, 1:])
+    assert not torch.allclose(later[0], later[1], atol=1e-3)  # another first frame, another continuation
 
 
 def test_stream_v2v_restyles_every_frame(host, embedded) -> None:
-    p = loaders()
-    p["5"] = {
-        "class_type": "EmptyImage",
-        "inputs": {"width": 40, "height": 36, "batch_size": 14, "color": 0x00FF00},
-    }
-    p["6"] = {"class_type": "CausVid_StreamV2V", "inputs": {
-        "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "strength": 0.6, "width": 32, "height": 32,
-        "seed": 0, "video_path": "", "max_frames": 0, "filename_prefix": "causvid/v2v", "crf": 18,
-        "images": ["5", 0]}}  # fmt: skip
-    result = host.execute(p)
-    assert result.success, result.error
-    assert result.value("6").shape == (14, 32, 32, 3)
-    assert probe_video(result.value("6", 1)).frames == 14
+    outputs = []
+    for colour in (0x00FF00, 0x0000FF):
+        p = loaders()
+        p["5"] = {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 40, "height": 36, "batch_size": 14, "color": colour},
+        }
+        p["6"] = {"class_type": "CausVid_StreamV2V", "inputs": {
+            "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "strength": 0.6, "width": 32, "height": 32,
+            "seed": 0, "video_path": "", "max_frames": 0, "filename_prefix": "causvid/v2v", "crf": 18,
+            "images": ["5", 0]}}  # fmt: skip
+        result = host.execute(p)
+        assert result.success, result.error
+        frames = np.asarray(result.value("6"), dtype=np.float32)
+        assert frames.shape == (14, 32, 32, 3)
+        assert probe_video(result.value("6", 1)).frames == 14
+        source = np.array([(colour >> 16) & 255, (colour >> 8) & 255, colour & 255], np.float32) / 255
+        assert np.abs(frames - source).mean() > 0.05  # restyled, not the source frames passed through
+        outputs.append(frames)
+    assert not np.allclose(outputs[0], outputs[1], atol=1e-3)  # the source still shapes the result
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,22 @@ def test_teacher_continues_past_its_window(tmp_path) -> None:
     vae = WanVAE(VAE_PRESETS["tiny"]).eval()
     text = ShapesTextEncoder(cfg.text_dim, cfg.text_len)
     fn = generators.teacher(tmp_path / "teacher.safetensors", vae, text, steps=2, window=3, overlap=1, size=32)
-    video = fn("a blue square moving up", 0, 29)  # 8 latent frames: four windows of 3 with overlap 1
+    calls, real = [], generators._euler
+
+    def spy(model, noise, ctx, uncond, sigmas, guidance, chunks, pinned):
+        x = real(model, noise, ctx, uncond, sigmas, guidance, chunks, pinned)
+        calls.append((pinned, x))
+        return x
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generators, "_euler", spy)
+        video = fn("a blue square moving up", 0, 29)  # 8 latent frames: four windows of 3 with overlap 1
     assert video.shape == (29, 32, 32, 3)
+    assert len(calls) == 4 and calls[0][0] is None
+    for (_, before), (pinned, after) in zip(calls, calls[1:], strict=False):
+        # each window starts from the last frame of the one before and samples two new ones
+        assert torch.equal(pinned, before[:, :, -1:]) and torch.equal(after[:, :, :1], pinned)
+        assert not torch.allclose(after[:, :, 1:], before[:, :, 1:], atol=1e-3)
     assert np.array_equal(video, fn("a blue square moving up", 0, 29))
 
 
