@@ -216,3 +216,21 @@ def test_a_training_checkpoint_renders_with_its_shapes_text_encoder(env, embedde
     same = tmp_path / "embedded.mp4"  # the same weights named as embedded:shapes: the same video
     assert main(render_args(same, "--quiet", frames=9)) == 0
     assert probe_video(out).frames == 9 and np.array_equal(read_video(out), read_video(same))
+
+
+def test_a_schedule_file_changes_the_prompt_at_its_chunk(env, tmp_path: Path) -> None:
+    """README's long-video command: ``render --schedule FILE``. Until the change the video is the first
+    prompt's own; after it, another; ``--blend`` fades the change in instead of cutting."""
+    schedule = tmp_path / "prompts.txt"
+    schedule.write_text(f"0: {PROMPT}\n1: a blue square moving left on a white background\n")
+    plain, cut, blended = tmp_path / "plain.mp4", tmp_path / "cut.mp4", tmp_path / "blend.mp4"
+    assert main(render_args(plain, "--quiet")) == 0
+    args = ["render", "--model", "embedded:shapes", "--schedule", str(schedule), "--schedule-unit", "chunk",
+            "--frames", "33", "--seed", "0", "--width", "32", "--height", "32", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(cut)]) == 0
+    assert main([*args, "--blend", "2", "--out", str(blended)]) == 0
+    a, b, c = read_video(plain), read_video(cut), read_video(blended)
+    assert len(a) == len(b) == len(c) == 33
+    assert psnr(a[:9], b[:9]) > 45  # chunk 0 (9 frames): the first prompt's video
+    assert psnr(a[9:], b[9:]) < 40  # chunks 1-2: the second prompt's
+    assert psnr(b[:9], c[:9]) > 45 and psnr(b[9:], c[9:]) < 40  # blended over two chunks, not cut

@@ -125,3 +125,27 @@ def test_load_model_merges_lora_files(tmp_path: Path, model: CausalWanModel) -> 
         torch.testing.assert_close(merged.state_dict()[key], model.state_dict()[key] + 0.25 * delta)
     _, report2 = load_model(base, lora=[(tmp_path / "lora2.pt", 1.0)])
     assert len(report2.loras[0].matched) == len(TARGETS)
+
+
+def test_inspect_merges_a_lora_given_as_file_colon_strength(tmp_path: Path, model: CausalWanModel, capsys,
+                                                            monkeypatch) -> None:  # fmt: skip
+    """``python -m causvid_core inspect CKPT --lora FILE[:STRENGTH]`` merges it at that strength and
+    reports the patched modules; a path that itself holds a colon keeps it (strength 1)."""
+    import causvid_core.checkpoint as checkpoint
+    from causvid_core import cli
+
+    base = save_model(model, tmp_path / "base.safetensors")
+    save_file(make_lora(model, "kohya")[0], str(tmp_path / "lora.safetensors"))
+    seen = []
+    load = checkpoint.load_model  # the CLI imports it from causvid_core.checkpoint when it runs
+
+    def spy(path, **kw):
+        seen.append(kw["lora"])
+        return load(path, **kw)
+
+    monkeypatch.setattr(checkpoint, "load_model", spy)
+    assert cli.main(["inspect", str(base), "--lora", f"{tmp_path / 'lora.safetensors'}:0.25"]) == 0
+    assert "3 modules patched" in capsys.readouterr().out
+    assert seen == [[(str(tmp_path / "lora.safetensors"), 0.25)]]
+    assert cli._lora_arg("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    assert cli._lora_arg("a:b.safetensors:-0.5") == ("a:b.safetensors", -0.5)

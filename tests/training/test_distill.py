@@ -230,6 +230,29 @@ def test_stage_help_lists_the_values_a_run_of_the_preset_gets(capsys: pytest.Cap
     assert f"--dit.dim (int, default {make_config('teacher', 'tiny').dit.dim})" in tiny and tiny != shapes
 
 
+def test_text_dropout_trains_that_share_of_samples_on_the_empty_prompt(tmp_path: Path, monkeypatch) -> None:
+    """--text-dropout P: the teacher sees the empty prompt (zeros) for a share P of its samples, which
+    classifier-free guidance needs; 0 never, 1 always."""
+    from causvid_core.model import CausalWanModel
+
+    seen: list[torch.Tensor] = []
+    forward = CausalWanModel.forward
+
+    def spy(self, x, t, context, **kw):
+        seen.append(context.detach().flatten(1).abs().sum(1))  # per sample: 0 for the empty prompt
+        return forward(self, x, t, context, **kw)
+
+    monkeypatch.setattr(CausalWanModel, "forward", spy)
+    empty = {}
+    for p in ("0", "0.5", "1"):
+        seen.clear()
+        run(tmp_path / p, "teacher", "--steps", "4", "--batch-size", "4", "--sample-every", "0", "--text-dropout", p)
+        per_sample = torch.cat(seen)
+        assert len(per_sample) == 16
+        empty[p] = int((per_sample == 0).sum())
+    assert empty["0"] == 0 and empty["1"] == 16 and 0 < empty["0.5"] < 16
+
+
 def test_fsdp_on_the_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     from training.dist import init_distributed
 
