@@ -120,7 +120,9 @@ def file_metadata(path: Path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    from .checkpoint import reading_safetensors
+
+    with reading_safetensors(path), safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 

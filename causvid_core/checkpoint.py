@@ -11,11 +11,13 @@ Pickles are read only with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,11 +188,33 @@ def _dequantised(
 
 
 # -- containers ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def reading_safetensors(path: str | Path) -> Iterator[None]:
+    """Turn safetensors' own error on a truncated or corrupt file into one that names the file and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path} is damaged or incomplete ({err}): download or copy it again (an interrupted download "
+            "leaves a file like this)"
+        ) from err
+
+
+def load_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with a clear error for a damaged file."""
+    from safetensors.torch import load_file
+
+    with reading_safetensors(path):
+        return load_file(str(path))
+
+
 def _read_safetensors(path: Path, meta: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     sd: dict[str, Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with reading_safetensors(path), safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
         for key in f.keys():
             if meta:
@@ -229,9 +253,15 @@ def safe_torch_load(path: Path) -> Any:
             if "mmap" not in str(err):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, KeyError, EOFError, RuntimeError) as err:
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        reason = next((line for line in lines if "GLOBAL" in line or "nsupported" in line), lines[0])
+        if not any("GLOBAL" in line for line in lines):  # not a pickle of tensors at all
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint: neither safetensors nor a complete torch.save file "
+                f"({type(err).__name__}). Give the model's .safetensors / .pt / .pth file, or download it again if "
+                "it was cut short"
+            ) from err
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that needs to run code to load ({reason}). "
             "Only plain tensors and containers are read (torch.load(weights_only=True)), because "

@@ -219,9 +219,10 @@ def _load_text_encoder(path: str, tokenizer: str | None, device: torch.device):
     if Path(path).suffix == ".safetensors" and Path(path).is_file():
         from safetensors import safe_open
 
+        from .checkpoint import reading_safetensors
         from .text import ShapesTextEncoder
 
-        with safe_open(path, framework="pt") as f:
+        with reading_safetensors(path), safe_open(path, framework="pt") as f:
             if set(f.keys()) == ShapesTextEncoder.STATE_KEYS:
                 return ShapesTextEncoder.from_state_dict({k: f.get_tensor(k) for k in f.keys()})
     from .umt5 import UMT5TextEncoder

@@ -59,9 +59,9 @@ def read_lora(source: str | Path) -> dict[str, Tensor]:
     """Tensors of a LoRA file (safetensors, or a pickle read with weights_only=True)."""
     path = resolve_source(source)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .checkpoint import load_safetensors
 
-        return load_file(str(path))
+        return load_safetensors(path)
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise LoraError(f"{path} is not a LoRA state dict (a flat dict of tensors)")

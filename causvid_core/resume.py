@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -216,8 +216,8 @@ def load_sidecar(path: str | Path, device: torch.device | str = "cpu") -> Sideca
             pending = f.get_tensor("pending") if "pending" in f.keys() else None
             decoder = None if meta["decoder"] is None else _state_from(meta["decoder"], f, "decoder/",
                                                                          torch.device(device))  # fmt: skip
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a resume file of this package ({err})") from err
+    except (OSError, KeyError, ValueError, json.JSONDecodeError, SafetensorError) as err:
+        raise ValueError(f"{path} is not a resume file of this package, or it is damaged ({err})") from err
     if meta.get("version") != SIDECAR_VERSION:
         raise ValueError(f"{path} was written by another version (format {meta.get('version')})")
     keys = ("settings", "checks", "total_chunks", "chunks_done", "frames_written", "history_sizes",

@@ -453,9 +453,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"VAE file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .checkpoint import load_safetensors
 
-        return load_file(str(path))
+        return load_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -388,3 +388,30 @@ def test_cli_module_entry_point(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "preset:     tiny" in result.stdout and "causvid-safetensors" in result.stdout
+
+
+def test_a_cut_short_or_wrong_file_names_itself_and_the_fix(tmp_path: Path, capsys) -> None:
+    """An interrupted download (a truncated .safetensors) and a file that is no checkpoint at all (a text
+    file or a video named .pt) get one clear line each, never safetensors' bare error or a traceback;
+    the same for the VAE and the resume sidecar reading safetensors."""
+    from causvid_core.resume import load_sidecar
+    from causvid_core.vae import VAE_PRESETS, WanVAE, load_wan_vae
+
+    model_file = save_model(CausalWanModel(PRESETS["tiny"].dit), tmp_path / "model.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(model_file.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match=r"cut.safetensors is damaged or incomplete .*download or copy it again"):
+        load_model(cut)
+    assert main(["inspect", str(cut)]) == 2
+    assert "cut.safetensors is damaged or incomplete" in capsys.readouterr().err
+    vae = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in WanVAE(VAE_PRESETS["tiny"]).state_dict().items()}, str(vae))
+    vae.write_bytes(vae.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="vae.safetensors is damaged or incomplete"):
+        load_wan_vae(vae)
+    with pytest.raises(ValueError, match="not a resume file of this package, or it is damaged"):
+        load_sidecar(cut)
+    for name, data in (("notes.pt", b"hello\n"), ("clip.pt", b"\x00\x00\x00\x18ftypisom" + bytes(64))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{name} is not a readable checkpoint: neither safetensors"):
+            load_model(tmp_path / name)
