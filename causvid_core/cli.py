@@ -162,21 +162,30 @@ def _render_settings(args: argparse.Namespace) -> dict:
     if args.seconds is None and args.frames is None:
         missing.append("--seconds or --frames")
     if missing:
-        raise ValueError(f"render needs {', '.join(missing)} (or --resume FILE to continue a render)")
+        hint = " (or --resume FILE to continue a render)" if args.command == "render" else ""
+        raise ValueError(f"{args.command} needs {', '.join(missing)}{hint}")
     schedule = None
     if args.schedule:
         path = Path(args.schedule)
         if not path.is_file():
             raise FileNotFoundError(f"schedule file {path} not found")
         schedule = path.read_text()
-    return {
-        "model": args.model, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer,
+    return {  # files as absolute paths: --resume may run from another folder
+        "model": _absolute(args.model), "vae": _absolute(args.vae), "text_encoder": _absolute(args.text_encoder),
+        "tokenizer": _absolute(args.tokenizer),
         "prompt": args.prompt, "schedule": schedule, "schedule_unit": args.schedule_unit,
         "seconds": args.seconds, "frames": args.frames, "seed": args.seed, "width": args.width,
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
         "speed": args.speed,
     }  # fmt: skip
+
+
+def _absolute(source: str | None) -> str | None:
+    """An existing local path made absolute; embedded:NAME, hf:// references and None as given."""
+    if not source or source.startswith((EMBEDDED_PREFIX, "hf://")) or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
 
 
 def _natural_size(bundle) -> tuple[int, int]:
@@ -233,7 +242,13 @@ def _load_text_encoder(path: str, tokenizer: str | None, device: torch.device):
 def _device(name: str | None) -> torch.device:
     if not name or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    return dev
 
 
 def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJob:
@@ -258,10 +273,17 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
                 "(a Wan model) or the text.safetensors of the embedded model it was trained with (Shapes)"
             )
         encoder = _load_text_encoder(settings["text_encoder"], settings.get("tokenizer"), dev)
-    fps = settings.get("fps") or bundle.fps
+    def given(key: str, default):  # 0 is a value (and an error below), not "unset"
+        return default if settings.get(key) is None else settings[key]
+
+    fps = given("fps", bundle.fps)
+    if fps <= 0:
+        raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
     width, height = _natural_size(bundle)
-    width, height = settings.get("width") or width, settings.get("height") or height
-    frames = settings.get("frames") or seconds_to_frames(settings["seconds"], fps)
+    width, height = given("width", width), given("height", height)
+    frames = given("frames", None)
+    if frames is None:
+        frames = seconds_to_frames(settings["seconds"], fps)
     request = RenderRequest(width, height, frames, seed=settings.get("seed", 0), fps=fps,
                             blend_chunks=settings.get("blend_chunks", 0),
                             recache_on_switch=settings.get("recache", True))  # fmt: skip
@@ -302,6 +324,11 @@ def _render(args: argparse.Namespace, generate: bool = False) -> int:
     else:
         out = Path(args.out) if args.out else None
         if out is not None and out.exists() and not args.overwrite:
+            from .resume import sidecar_path
+
+            if sidecar_path(out).exists():
+                raise ValueError(f"{out} is an interrupted render: continue it with python -m causvid_core render "
+                                 f"--resume {out} (--overwrite starts again and drops its finished frames)")  # fmt: skip
             raise ValueError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
         job = build_job(_render_settings(args), Path(args.out or "."), device=args.device)
     load_s = time.perf_counter() - t_load

@@ -139,6 +139,14 @@ def check_job(job: RenderJob) -> None:
             "model was trained with (Wan2.1_VAE for Wan2.1 checkpoints, embedded:NAME for embedded:NAME)"
         )
     check_length(job.request, job.causal, 0 if job.context_latents is None else job.context_latents.shape[2])
+    ctx = job.context_latents
+    h, w = job.request.latent_size
+    if ctx is not None and (ctx.ndim != 5 or ctx.shape[1] != cfg.in_dim or tuple(ctx.shape[3:]) != (h, w)):
+        raise ValueError(
+            f"the image seed / context latents are {list(ctx.shape)}, but a {job.request.width}x"
+            f"{job.request.height} video needs [1, {cfg.in_dim}, F, {h}, {w}]: encode the image or video at the "
+            "render's size"
+        )
     if job.out.suffix.lower() != ".mp4":
         raise ValueError(f"the output {job.out} must end in .mp4")
     if job.out.parent.exists() and not job.out.parent.is_dir():
@@ -356,6 +364,13 @@ class _FileRender:
         self.sidecar.unlink(missing_ok=True)
 
 
+def _exists_message(out: Path) -> str:
+    if sidecar_path(out).exists():
+        return (f"{out} is an interrupted render: continue it with `python -m causvid_core render --resume {out}` "
+                "(or the node's resume input); overwriting it starts again and drops its finished frames")  # fmt: skip
+    return f"{out} already exists: choose another name, or overwrite it explicitly"
+
+
 def render_to_file(
     job: RenderJob,
     *,
@@ -382,9 +397,15 @@ def render_to_file(
                 f"{job.out.name} was started with other settings ({'; '.join(wrong)}): resume with the same "
                 "settings, or start a new render"
             )
+        gone = [name for name, n in sc.segments if n > 0 and not job.out.with_name(name).is_file()]
+        if gone:  # found now, not after rendering every remaining chunk
+            raise ValueError(
+                f"{job.out.name} is an interrupted render, but its finished part {gone[0]} is not in "
+                f"{job.out.parent} any more: put it back there (beside the .resume file) to continue"
+            )
     else:
         if job.out.exists() and not overwrite:
-            raise ValueError(f"{job.out} already exists: choose another name, or overwrite it explicitly")
+            raise ValueError(_exists_message(job.out))
         for stale in (sidecar_path(job.out), Path(f"{job.out}{HISTORY_SUFFIX}")):
             stale.unlink(missing_ok=True)
         total = count_chunks(job.request, job.causal, context_frames)

@@ -135,6 +135,9 @@ def test_sigkill_mid_render_leaves_finished_chunks_and_resume_finishes(env, tmp_
         (["--vae", "missing/vae.pth"], r"VAE file missing/vae\.pth not found"),
         (["--prompt", "a purple circle"], r"unknown word 'purple'"),
         (["--speed", "ring,turbo"], r"unknown speed options \['turbo'\]: choose from ring, fused_qkv"),
+        (["--frames", "0"], r"length must be at least 1 frame, got 0"),
+        (["--fps", "0"], r"--fps must be a positive number"),
+        (["--device", "foo"], r"--device 'foo' is not a device: use auto, cpu, cuda or cuda:N"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_its_message_and_no_file(env, tmp_path, capsys, change, message) -> None:
@@ -234,3 +237,32 @@ def test_a_schedule_file_changes_the_prompt_at_its_chunk(env, tmp_path: Path) ->
     assert psnr(a[:9], b[:9]) > 45  # chunk 0 (9 frames): the first prompt's video
     assert psnr(a[9:], b[9:]) < 40  # chunks 1-2: the second prompt's
     assert psnr(b[:9], c[:9]) > 45 and psnr(b[9:], c[9:]) < 40  # blended over two chunks, not cut
+
+
+def test_a_render_started_with_relative_paths_resumes_from_any_folder(env, embedded_root: Path, tmp_path: Path,
+                                                                     monkeypatch, capsys) -> None:  # fmt: skip
+    """--resume ignores every other option, so the sidecar must name the model and VAE files absolutely."""
+    from causvid_core import cli
+
+    monkeypatch.chdir(embedded_root)
+    out = tmp_path / "rel.mp4"
+    args = ["render", "--model", "shapes/dit.safetensors", "--vae", "shapes/vae.safetensors", "--text-encoder",
+            "shapes/text.safetensors", "--prompt", PROMPT, "--frames", "33", "--out", str(out), "--width", "32",
+            "--height", "32", "--device", "cpu", "--quiet"]  # fmt: skip
+    update = cli._ProgressBar.update
+
+    def stop_after_first(self, done, frames):
+        update(self, done, frames)
+        if done >= 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._ProgressBar, "update", stop_after_first)
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    settings = load_sidecar(sidecar_path(out)).settings
+    assert all(Path(settings[k]).is_absolute() for k in ("model", "vae", "text_encoder"))
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(embedded_root))
+    monkeypatch.chdir(tmp_path)
+    assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert probe_video(out).frames == 33 and not sidecar_path(out).exists()

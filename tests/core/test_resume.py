@@ -160,6 +160,26 @@ def test_resume_with_other_settings_is_refused(parts, tmp_path: Path) -> None:
         render_to_file(make_job(parts, tmp_path / "other.mp4"), resume=True)
 
 
+def test_an_interrupted_render_is_not_lost_to_a_new_one_or_a_moved_part(parts, tmp_path: Path) -> None:
+    """Starting the same output again points at --resume (overwriting would drop the finished frames); a
+    resume whose finished part was moved away says so before rendering anything, and resumes once it is back."""
+    out = tmp_path / "video.mp4"
+    interrupted(parts, out, 2)
+    kept = out.read_bytes()
+    with pytest.raises(ValueError, match=r"video.mp4 is an interrupted render: continue it with .*--resume"):
+        render_to_file(make_job(parts, out))
+    assert out.read_bytes() == kept and sidecar_path(out).exists()
+    moved = tmp_path / "elsewhere.mp4"
+    out.rename(moved)
+    rest = Recorder()
+    with pytest.raises(ValueError, match=r"its finished part video.mp4 is not in .* any more: put it back"):
+        render_to_file(make_job(parts, out), resume=True, on_chunk=rest)
+    assert rest.latents == []  # refused before any chunk was rendered
+    moved.rename(out)
+    render_to_file(make_job(parts, out), resume=True)
+    assert probe_video(out).frames == 81
+
+
 def test_full_disk_keeps_the_partial_file_and_resumes(parts, tmp_path: Path, monkeypatch) -> None:
     ref = reference(parts, tmp_path)
     calls = []
@@ -214,6 +234,10 @@ def test_bad_inputs_fail_before_any_file(parts, tmp_path: Path) -> None:
     job = make_job(parts, out)
     job.vae = WanVAE(small)
     with pytest.raises(ValueError, match="the VAE makes 4-channel latents but the model works on 16"):
+        render_to_file(job)
+    job = make_job(parts, out)  # an image seed encoded at another size than the render's
+    job.context_latents = torch.zeros(1, 16, 1, SIZE // 8 * 2, SIZE // 8)
+    with pytest.raises(ValueError, match=r"image seed / context latents are \[1, 16, 1, 8, 4\], but a 32x32"):
         render_to_file(job)
     assert not any(tmp_path.iterdir())
     out.write_bytes(b"x")
