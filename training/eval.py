@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -99,15 +100,23 @@ def evaluate(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, its folder made first."""
+    """``obj`` as indented JSON at ``path``, its folder made first; atomic (a stop mid-write keeps the old file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def partial_path(path: Path) -> Path:
+    """Where the videos finished so far go while ``--json PATH`` is being made: ``PATH.partial.json``."""
+    return path.with_name(f"{path.stem}.partial.json")
 
 
 class _Progress:
-    """After each video: one line on stderr (count, its figures, elapsed time) and, with ``--json``, the
-    figures so far written there with ``"partial": true``, so a long evaluation stopped part-way keeps
-    the videos it finished. The final result overwrites the file."""
+    """After each video: one line on stderr (count, its figures, elapsed time) and, with ``--json PATH``,
+    the figures so far in ``PATH.partial.json`` with ``"partial": true``, so a long evaluation stopped
+    part-way keeps the videos it finished and a complete earlier PATH is not replaced by a partial one.
+    The final result goes to PATH and the partial file is removed."""
 
     def __init__(self, total: int | None, json_path: Path | None) -> None:
         self.total, self.json_path, self.t0 = total, json_path, time.perf_counter()
@@ -119,7 +128,8 @@ class _Progress:
         print(f"[{len(videos)}{of}] {v['name']} {v['prompt']!r}: {figs} (text / temporal / frame), "
               f"{time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         if self.json_path is not None:
-            _write_json(self.json_path, {"partial": True, "summary": _mean_dicts(videos), "videos": videos})
+            _write_json(partial_path(self.json_path),
+                        {"partial": True, "summary": _mean_dicts(videos), "videos": videos})  # fmt: skip
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
@@ -158,6 +168,8 @@ def load_prompt_map(folder: Path) -> dict[str, str]:
 
 
 def _folder_items(folder: Path) -> Iterable[tuple[str, str, np.ndarray, float]]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--videos {folder}: no such folder")
     mapping = load_prompt_map(folder)
     missing = [name for name in mapping if not (folder / name).exists()]
     if missing:
@@ -383,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry: score, print the table, write JSON / PNG; returns the result dict."""
     args = _parse_args(argv)
     drift = args.drift is not None
+    if drift and args.drift.suffix.lower() != ".png":  # found before minutes of scoring, not after
+        raise ValueError(f"--drift {args.drift}: the plot is a PNG; give a path ending in .png")
     if args.compare:
         if len(args.compare) > len(MODEL_COLOURS):
             raise SystemExit(f"--compare takes at most {len(MODEL_COLOURS)} runs, got {len(args.compare)}")
@@ -399,7 +413,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for path in args.paired:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: write it with python -m training.eval ... --json {path}")
-            runs.append(json.loads(path.read_text()))
+            try:
+                runs.append(json.loads(path.read_text()))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not a JSON file of training.eval ({err})") from None
         paired = paired_difference(*runs)
         n = int(next(iter(paired.values()))["videos"]) if paired else 0
         print(f"{'figure':20s} {'base':>7s} {'new':>7s} {'new-base':>9s} {'s.e.':>6s}   ({n} videos in both)")
@@ -438,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(result))
     if args.json is not None:
         _write_json(args.json, result)
+        partial_path(args.json).unlink(missing_ok=True)
     if drift:
         plot_drift(result["drift"], args.drift)
     return result
@@ -449,3 +467,7 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as err:  # a missing folder, checkpoint or prompt map: no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("stopped: the videos finished so far are in --json's .partial.json file (if --json was given)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)

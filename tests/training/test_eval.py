@@ -57,17 +57,24 @@ def test_an_evaluation_stopped_part_way_keeps_the_videos_it_finished(
 
     monkeypatch.setattr(ev, "render_video", render_then_stop)
     out = tmp_path / "gt.json"
+    out.write_text('{"summary": {"text_alignment": 1.0}, "videos": []}')  # an earlier complete result
     with pytest.raises(KeyboardInterrupt):
         main(["--ground-truth", "4", "--seconds", "1", "--json", str(out)])
-    kept = json.loads(out.read_text())
+    kept = json.loads((tmp_path / "gt.partial.json").read_text())
     assert kept["partial"] is True and [v["name"] for v in kept["videos"]] == ["000_seed0", "001_seed1"]
     assert kept["summary"]["text_alignment"] >= 95
+    assert json.loads(out.read_text())["summary"]["text_alignment"] == 1.0  # not replaced by a partial run
     err = capsys.readouterr().err
     assert "[1/4] 000_seed0" in err and "[2/4] 001_seed1" in err
 
     monkeypatch.setattr(ev, "render_video", render_video)
     main(["--ground-truth", "2", "--seconds", "1", "--json", str(out)])
-    assert "partial" not in json.loads(out.read_text())
+    assert "partial" not in json.loads(out.read_text()) and not (tmp_path / "gt.partial.json").exists()
+    with pytest.raises(ValueError, match=r"--drift .*plot.txt: the plot is a PNG"):
+        main(["--ground-truth", "1", "--seconds", "1", "--drift", str(tmp_path / "plot.txt")])
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(ValueError, match=r"bad.json is not a JSON file of training.eval"):
+        main(["--paired", str(out), str(tmp_path / "bad.json")])
 
 
 def test_compare_draws_each_runs_drift_curves_and_names_a_missing_drift(tmp_path: Path) -> None:
@@ -171,7 +178,7 @@ def test_videos_folder_errors_name_the_missing_piece(tmp_path: Path) -> None:
     # on the command line the same mistakes are one line, not a traceback
     cmd = [sys.executable, "-m", "training.eval", "--videos", str(tmp_path / "missing")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no prompts.json or prompts.csv")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --videos ") and "missing: no such folder" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
