@@ -173,14 +173,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--strength", type=float, default=0.6, help="video-to-video strength (default 0.6)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    # checked before minutes of rendering: the strength the last application needs, where the result goes
+    if not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1] (0.6 recolours and keeps the path), got {args.strength}")
+    if args.cases < 1:
+        raise ValueError(f"--cases must be at least 1, got {args.cases}")
+    if args.json:
+        if args.json.exists() and args.json.is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file path such as zero-shot.json")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     result = run_all(args.model, args.vae, args.cases, args.strength)
     for name, part in result.items():
         print(name, json.dumps(part["summary"]))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from causvid_core.checkpoint import CheckpointError
+
+    try:
+        main(sys.argv[1:])
+    except (CheckpointError, FileNotFoundError, ValueError) as err:  # a bad option or model: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(0)

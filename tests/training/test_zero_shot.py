@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_all_three_applications_report_their_figures(tmp_path, monkeypatch) -> None:
     make_embedded(tmp_path, "zs")
     monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(tmp_path))
-    result = zero_shot.main(["--model", "embedded:zs", "--cases", "2", "--json", str(tmp_path / "z.json")])
+    out = tmp_path / "new" / "z.json"  # its folder is made
+    result = zero_shot.main(["--model", "embedded:zs", "--cases", "2", "--json", str(out)])
     sched = result["schedule"]
     assert [c["kind"] for c in sched["cases"]] == ["direction", "colour"]
     assert all(c["prompt"] != c["then"] for c in sched["cases"])
@@ -23,7 +26,18 @@ def test_all_three_applications_report_their_figures(tmp_path, monkeypatch) -> N
         for value in result[part]["summary"].values():
             assert np.isfinite(value) and value >= 0
     assert all(c["source"] != c["target"] for c in result["video_to_video"]["cases"])
-    assert (tmp_path / "z.json").is_file()
+    assert json.loads(out.read_text())["schedule"]["summary"] == sched["summary"]
+
+
+def test_bad_options_are_refused_before_any_rendering(tmp_path, monkeypatch) -> None:
+    """--strength outside (0, 1] used to fail only in the last application, after the first two ran."""
+    monkeypatch.setattr(zero_shot, "run_all", lambda *a: pytest.fail("rendered before checking its options"))
+    with pytest.raises(ValueError, match=r"--strength must be in \(0, 1\]"):
+        zero_shot.main(["--strength", "2"])
+    with pytest.raises(ValueError, match="--cases must be at least 1"):
+        zero_shot.main(["--cases", "0"])
+    with pytest.raises(ValueError, match="is a folder"):
+        zero_shot.main(["--json", str(tmp_path)])
 
 
 def test_source_chunks_follow_the_vae_stride() -> None:
