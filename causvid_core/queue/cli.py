@@ -90,8 +90,15 @@ def _run(
         return runner.run(jobs), 0
     except KeyboardInterrupt:
         done = {r.index for r in runner.results}
+        stopped = []
+        current = runner.current
+        if current is not None and current.index not in done and current.prompt_id is not None:
+            server.cancel(current.prompt_id)  # it was queued: stop it there too, as the user asked
+            current.error = f"cancelled on the server (Ctrl-C; was queued as {current.prompt_id})"
+            stopped = [current]
+        done |= {r.index for r in stopped}
         rest = [JobResult(j.index, j.name, error="not run (Ctrl-C)") for j in jobs if j.index not in done]
-        return runner.results + rest, 130
+        return runner.results + stopped + rest, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.retries < 0 or args.timeout <= 0:
         print("error: --retries must be >= 0 and --timeout > 0", file=sys.stderr)
+        return 2
+    if args.summary_json and (args.summary_json.is_dir() or args.summary_json.parent.is_file()):
+        print(f"error: --summary-json {args.summary_json} cannot be written there (a folder, or under a file); "
+              "give a file path such as runs/summary.json", file=sys.stderr)  # fmt: skip
         return 2
     try:
         server = Server(args.server)
@@ -120,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(
+        tmp = args.summary_json.with_name(f".{args.summary_json.name}.tmp")
+        tmp.write_text(
             json.dumps(summary(results, **meta, dry_run=args.dry_run, client_id=client_id), indent=2) + "\n"
         )
+        tmp.replace(args.summary_json)
     return code or (0 if all(r.status == "ok" for r in results) else 1)

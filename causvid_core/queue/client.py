@@ -88,7 +88,10 @@ class Server:
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ServerDown(f"{self.base}{path}: {reason}") from None
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:  # HTML or text: something else answers on that address
+            raise ServerDown(f"{self.base}{path} answered something that is not JSON: not a ComfyUI server?") from None
 
     def get(self, path: str) -> Any:
         return self._request(path)

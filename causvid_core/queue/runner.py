@@ -147,6 +147,7 @@ class Runner:
         self.log = log or sys.stderr
         self.socket: Socket | None = None
         self.server_gone = False  # the last job gave up on the server: fail fast until it answers again
+        self.current: JobResult | None = None
         self.results: list[JobResult] = []
 
     def _say(self, text: str) -> None:
@@ -165,6 +166,7 @@ class Runner:
     def run_job(self, job: Job, total: int = 0) -> JobResult:
         """Submit and follow one job to its end; never raises for a server or job problem."""
         result = JobResult(job.index, job.name)
+        self.current = result  # the job in flight, for a Ctrl-C (cli._run)
         tag = f"[{job.index}/{total or '?'}]" + (f" {job.name}" if job.name else "")
         if job.error:
             result.status, result.error = "invalid", job.error

@@ -600,3 +600,64 @@ def test_a_server_that_never_answers_ends_the_run_quickly() -> None:
     text = log.getvalue()
     assert "[1/3] j0:" in text and "(try 2/2)" in text and "[2/3] j1:" in text and "(try 1/1)" in text
     assert elapsed < 0.2 + 0.4 + 2 * 0.2 + 3  # windows of 0.2 s and 0.4 s, then 0.2 s per later job
+
+
+def test_something_else_on_the_port_is_named_and_the_summary_still_written(tmp_path: Path) -> None:
+    """A web page where ComfyUI should be: each job fails with 'not a ComfyUI server?' (not one JSON
+    traceback for the whole batch), and the table and --summary-json are written as for any failure."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>a router's login page</html>")
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        workflow = write_json(tmp_path / "wf.json", image_workflow())
+        rows = write_csv(tmp_path / "jobs.csv", ["name"], [["a"], ["b"]])
+        args = [str(workflow), str(rows), "--server", f"127.0.0.1:{httpd.server_address[1]}", "--retries", "0",
+                "--timeout", "5", "--poll"]  # fmt: skip
+        code, summary = run_cli(args, tmp_path / "out" / "summary.json")
+    finally:
+        httpd.shutdown()
+    assert code == 1 and [j["status"] for j in summary["jobs"]] == ["failed", "failed"]
+    assert all("not a ComfyUI server?" in j["error"] for j in summary["jobs"])
+    assert main([*args, "--summary-json", str(tmp_path)]) == 2  # a folder: refused before anything runs
+
+
+def test_ctrl_c_cancels_the_job_in_flight_and_says_so(monkeypatch) -> None:
+    """The job running when Ctrl-C comes was queued on the server: it is cancelled there and reported as
+    such (its prompt id), not as 'not run' while it goes on running."""
+    from causvid_core.queue import cli as queue_cli
+
+    cancelled = []
+
+    class Server:
+        base = "http://x"
+
+        def cancel(self, prompt_id: str) -> None:
+            cancelled.append(prompt_id)
+
+    def run_job(self, job, total=0):
+        if job.index == 1:
+            return queue_cli.JobResult(job.index, job.name, status="ok")
+        self.current = queue_cli.JobResult(job.index, job.name, prompt_id="p-2")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "run_job", run_job)
+    jobs = build_jobs(image_workflow(), [{"name": f"j{i}"} for i in range(3)])
+    args = type("Args", (), {"retries": 0, "timeout": 5.0, "poll": True})()
+    results, code = queue_cli._run(Server(), jobs, args, "client")
+    assert code == 130 and cancelled == ["p-2"]
+    assert [(r.index, r.error) for r in results] == [
+        (1, None), (2, "cancelled on the server (Ctrl-C; was queued as p-2)"), (3, "not run (Ctrl-C)")]  # fmt: skip
