@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..causvid_core.vae import load_wan_vae
 from ..causvid_core.video_io import VideoWriter, image_to_vae, read_video_chunks, vae_to_image
 from .common import EMBEDDED_MODELS, LRU, Progress, device, file_key, full_path, model_files, preview_image
 from .sampling import context_latents, plan, stream_inputs
+
+LOG = logging.getLogger("causvid")
 
 _VAES = LRU(size=2)
 
@@ -203,8 +206,15 @@ class CausVidRenderVideo:
                 frames.append(vae_to_image(event.frames).cpu())
             progress.chunk_done(event.index + 1, preview_image(event.frames))
 
-        with torch.no_grad():
-            render_to_file(job, resume=bool(resume.strip()), on_chunk=on_chunk, on_step=Progress.step)
+        try:
+            with torch.no_grad():
+                render_to_file(job, resume=bool(resume.strip()), on_chunk=on_chunk, on_step=Progress.step)
+        except BaseException:  # Cancel, a full disk, a NaN chunk: say where the finished part is and how to go on
+            if Path(path).exists():
+                name = f"{subfolder}/{filename}" if subfolder else filename
+                LOG.warning("CausVid Render Video stopped: %s keeps the finished chunks; put '%s' in the node's "
+                            "'resume' input and queue it again to finish the same video", path, name)  # fmt: skip
+            raise
         images = torch.cat(frames, dim=0)[: request.num_frames] if frames else torch.zeros(1, 64, 64, 3)
         ui = {
             "images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],
@@ -270,6 +280,11 @@ class CausVidStreamV2V:
                 restyle(model.model, vae, chunks, timeline, strength=strength, seed=seed, sampling=model.sampling,
                         causal=model.causal, blend_chunks=prompts.blend_chunks, writer=writer, on_chunk=on_chunk,
                         on_step=Progress.step, state=RenderState())  # fmt: skip
+        except BaseException:
+            if writer is not None:
+                LOG.warning("CausVid Stream V2V stopped: %s is partial, the first %d restyled frames", path,
+                            sum(f.shape[0] for f in frames))  # fmt: skip
+            raise
         finally:
             if writer is not None:
                 writer.close()

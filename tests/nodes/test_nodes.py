@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -100,12 +101,15 @@ def test_load_with_speed_options_renders_the_reference_frames(host, embedded) ->
     assert np.abs(frames[0] - frames[1]).max() <= 1e-4
 
 
-def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded) -> None:
-    result = host.execute(render_prompt(length=65), interrupt_after=2)
+def test_cancel_mid_render_leaves_a_playable_partial_file(host, embedded, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="causvid"):
+        result = host.execute(render_prompt(length=65), interrupt_after=2)
     assert result.interrupted
     files = sorted((host.output_dir / "causvid").glob("test_*.mp4"), key=os.path.getmtime)
     info = probe_video(files[-1])
     assert 9 <= info.frames < 65  # the finished chunks, not the whole video
+    # the console says which file holds them and what to put in 'resume' to finish it
+    assert f"put 'causvid/{files[-1].name}' in the node's 'resume' input" in caplog.text
 
 
 def test_sampler_latent_decodes_and_image_seed_starts_the_video(host, embedded) -> None:
