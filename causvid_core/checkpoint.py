@@ -254,6 +254,10 @@ def safe_torch_load(path: Path) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, KeyError, EOFError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(
+            s in str(err) for s in ("PytorchStreamReader", "magic number", "zip archive", "mmap")
+        ):  # out of memory and the like: not about the file's format
+            raise
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         if not any("GLOBAL" in line for line in lines):  # not a pickle of tensors at all
             raise CheckpointError(

@@ -148,6 +148,7 @@ class Runner:
         self.socket: Socket | None = None
         self.server_gone = False  # the last job gave up on the server: fail fast until it answers again
         self.current: JobResult | None = None
+        self.last_down: ServerDown | None = None  # why the server last failed to answer (cleared on connect)
         self.results: list[JobResult] = []
 
     def _say(self, text: str) -> None:
@@ -186,7 +187,10 @@ class Runner:
         except _Timeout:
             if result.prompt_id is not None:
                 self.server.cancel(result.prompt_id)
-            result.error = f"timed out after {self.timeout:g} s (--timeout); cancelled on the server"
+                result.error = f"timed out after {self.timeout:g} s (--timeout); cancelled on the server"
+            else:  # never queued: say why, when it was the server
+                why = f" while waiting for the server: {self.last_down}" if self.last_down else ""
+                result.error = f"timed out after {self.timeout:g} s (--timeout) before it was queued{why}"
         except ServerDown as e:
             result.error = f"server {self.server.base} unreachable: {e}"
         except _GaveUp as e:
@@ -221,6 +225,7 @@ class Runner:
                 result.prompt_id = None
             except ServerDown as e:
                 self._drop_socket()
+                self.last_down = e
                 reconnects = self._reconnect(e, reconnects, deadline, tag)
                 recheck = True
 
@@ -252,6 +257,7 @@ class Runner:
         elif self.socket is None:
             self.socket = Socket(self.server.ws_url(self.client_id), timeout=self.server.timeout)
         self.server_gone = False
+        self.last_down = None
 
     def _drop_socket(self) -> None:
         if self.socket is not None:
