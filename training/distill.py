@@ -67,6 +67,14 @@ class TrainingError(RuntimeError):
     """A run stopped on purpose (non-finite loss); the message names the step and the last good checkpoint."""
 
 
+class TrainingStopped(TrainingError):
+    """SIGTERM or Ctrl-C: the step finished, a checkpoint was saved; ``code`` is the exit status (143 / 130)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, name: str, value: float) -> None:
         super().__init__(name, value)
@@ -199,23 +207,37 @@ def memory_report(models: dict[str, bool], cfg: RunConfig, ctx: dist.DistContext
 
 
 class StopFlag:
-    """SIGTERM sets a flag; the loop saves and exits at the end of the step."""
+    """SIGTERM or a first Ctrl-C sets a flag; the loop saves and stops at the end of the step. A second
+    Ctrl-C stops at once (what was saved before stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.name = "SIGTERM"
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: saving at the end of this step (Ctrl-C again stops at once)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        self.name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         self.requested = True
 
+    @property
+    def code(self) -> int:
+        return 143 if self.name == "SIGTERM" else 130
+
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -254,9 +276,33 @@ def train_loop(
     # the lr each optimiser was built with (the config's): a checkpoint's saved lr must not override it,
     # so a run resumed with a lower --lr (after a NaN, say) really uses it
     bases = [[group["lr"] for group in t.opt.param_groups] for t in trainables]
+    if last_good is not None:
+        saved = ckpt.read_state(last_good)
+        if saved.get("stage") != stage:  # another stage's folder (an --out-dir mix-up): never mixed in
+            raise ConfigError(
+                f"{folder} holds checkpoints of the {saved.get('stage')!r} stage, not {stage!r}: choose "
+                "another --out-dir (or --name)"
+            )
     if cfg.resume and last_good is not None:
-        start = ckpt.load(last_good, trainables)["step"]
+        if saved["step"] > cfg.steps:
+            raise ConfigError(
+                f"{last_good.name} is at step {saved['step']}, past --steps {cfg.steps}: pass --steps "
+                f"{saved['step']} or more to continue it, or use its step_*.safetensors as they are"
+            )
+        changed = _changed_options(saved.get("config"), cfg)
+        if changed:
+            _say(ctx, f"resuming with changed options: {'; '.join(changed)}")
+        try:
+            start = ckpt.load(last_good, trainables, saved)["step"]
+        except RuntimeError as err:  # a weight of another shape: the model options changed
+            raise ConfigError(
+                f"{last_good.name} does not fit the model these options build ({str(err).splitlines()[0][:200]}); "
+                f"resume with the options it was trained with{' (changed: ' + '; '.join(changed) + ')' if changed else ''}"
+            ) from None
         _say(ctx, f"resumed {stage} from {last_good} at step {start}")
+        if start < cfg.steps:  # a finished run continued to more steps: its old final is not this run's
+            for old in folder.glob("final*.safetensors"):
+                old.unlink()
     elif cfg.resume:
         _say(ctx, f"--resume: no checkpoint in {folder} yet, starting at step 0")
     elif last_good is not None:
@@ -304,10 +350,11 @@ def train_loop(
             ):
                 sample_fn(done, folder)
             if stopped:
-                _say(
-                    ctx, f"SIGTERM: saved {stage} at step {done}; continue with the same command and --resume"
-                )
-                break
+                progress.close()
+                raise TrainingStopped(
+                    f"{stop.name}: saved {stage} at step {done} of {cfg.steps} in {folder}; continue with the "
+                    "same command and --resume", stop.code,
+                )  # fmt: skip
     progress.close()
     final = [] if stopped else ckpt.finalize(cfg.steps, trainables)
     if ctx.distributed:
@@ -320,6 +367,22 @@ def train_loop(
         "final": final,
         "stopped": stopped,
     }
+
+
+def _changed_options(saved_json: str | None, cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for every option a resumed run changes (--resume itself aside)."""
+    if not saved_json:
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(json.loads(saved_json)), flat(json.loads(to_json(cfg)))
+    keys = sorted(k for k in set(old) | set(new) if k != "resume" and old.get(k) != new.get(k))
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in keys]
 
 
 def _say(ctx: dist.DistContext, msg: str) -> None:
@@ -768,6 +831,9 @@ def cli() -> int:
     """Console entry: clear one-line errors instead of tracebacks for bad input and stopped runs."""
     try:
         main()
+    except TrainingStopped as err:  # stopped on request, the checkpoint saved: not "done", not a success
+        print(str(err), file=sys.stderr, flush=True)
+        return err.code
     except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

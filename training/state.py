@@ -27,7 +27,7 @@ from causvid_core.checkpoint import META_KEY
 from causvid_core.config import DiTConfig, ModelPreset, to_dict
 
 from . import dist
-from .config import RunConfig, to_json
+from .config import ConfigError, RunConfig, to_json
 
 
 @dataclass
@@ -148,11 +148,16 @@ class CheckpointManager:
         dist.barrier(self.ctx)
         return path
 
-    def load(self, path: Path, trainables: list[Trainable]) -> dict[str, Any]:
+    def read_state(self, path: Path) -> dict[str, Any]:
+        """A state file's contents (stage, step, config, optimisers, RNG)."""
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def load(self, path: Path, trainables: list[Trainable], state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Restore weights, optimisers and RNG states from a state file; returns the state dict."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = self.read_state(path) if state is None else state
         if state.get("stage") != self.stage:
-            raise ValueError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
+            raise ConfigError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}: "
+                              "choose another --out-dir")  # fmt: skip
         for t in trainables:
             sd = load_file(str(self.folder / state["weights"][t.prefix]))
             dist.load_full_state_dict(t.model, sd)

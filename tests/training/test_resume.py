@@ -94,8 +94,10 @@ def test_sigterm_saves_a_checkpoint_that_resumes_identically(tmp_path: Path) -> 
             break
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, "".join(lines) + rest
-    assert "SIGTERM: saved teacher at step" in rest
+    # stopped, not finished: exit 143 (so a script's `set -e` does not go on to the next stage), no "done"
+    assert proc.returncode == 143, "".join(lines) + rest
+    assert "SIGTERM: saved teacher at step" in rest and "continue with the same command and --resume" in rest
+    assert "== teacher done" not in rest
     folder = tmp_path / "b/shapes/teacher"
     states = sorted(folder.glob("state_*.pt"))
     assert len(states) == 1 and not (folder / "final.safetensors").exists()
@@ -140,3 +142,50 @@ def test_lr_schedule_warms_up_decays_and_resumes_bit_for_bit(tmp_path: Path) -> 
     stopped_copy(folder_b, folder_c)
     lowered = run(tmp_path / "c", "teacher", *args[:-6], "--lr", "1e-4", *args[-4:], "--resume")
     assert [r["lr"] for r in lowered["rows"]][-2:] == pytest.approx([x / 10 for x in expected[6:]])
+
+
+def test_ctrl_c_saves_like_sigterm_and_exits_130(tmp_path: Path) -> None:
+    """A first Ctrl-C finishes the step, saves a checkpoint and says how to continue (it used to lose every
+    step since the last save with a traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-u", "-m", "training.distill", "teacher", "--preset", "tiny", "--runs-dir",
+           str(tmp_path), "--steps", "100000", "--save-every", "100000", "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    for line in proc.stdout:
+        if "2/100000" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "Ctrl-C: saved teacher at step" in rest and "Traceback" not in rest
+    assert len(list((tmp_path / "shapes/teacher").glob("state_*.pt"))) == 1
+
+
+def test_resume_guards_name_what_changed(tmp_path: Path, capsys) -> None:
+    """--resume with fewer steps than saved, changed options, another model shape, or another stage's
+    folder: each says what and how, and a finished run continued to more steps drops its old final."""
+    from training.config import ConfigError
+
+    run(tmp_path, "teacher", "--steps", "4", "--save-every", "2")
+    folder = tmp_path / "shapes/teacher"
+    with pytest.raises(ConfigError, match=r"state_000004.pt is at step 4, past --steps 2: pass --steps 4 or more"):
+        run(tmp_path, "teacher", "--steps", "2", "--resume")
+    with pytest.raises(ConfigError, match=r"does not fit the model these options build .*dit.num_layers 2 -> 1"):
+        run(tmp_path, "teacher", "--steps", "6", "--resume", "--dit.num-layers", "1")
+    capsys.readouterr()
+    seen = {}
+    real = main.__globals__["CheckpointManager"].finalize
+
+    def spy(self, step, trainables):  # the old final must be gone while the continued run trains
+        seen["final before"] = (folder / "final.safetensors").exists()
+        return real(self, step, trainables)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(main.__globals__["CheckpointManager"], "finalize", spy)
+        run(tmp_path, "teacher", "--steps", "6", "--save-every", "2", "--resume", "--lr", "0.0005")
+    out = capsys.readouterr().out
+    assert "resuming with changed options: lr 0.001 -> 0.0005; steps 4 -> 6" in out
+    assert seen["final before"] is False and (folder / "final.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"holds checkpoints of the 'teacher' stage, not 'teacher-causal': choose"):
+        run(tmp_path, "teacher", "--kind", "causal", "--out-dir", str(folder), "--resume")  # not mixed in
