@@ -345,8 +345,9 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
 RENAMED = {"warmup_steps": "lr_warmup"}  # old option names, answered with the new one
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = False) -> Any:
-    """Return ``cfg`` with dotted keys replaced (values parsed from strings when ``strings``)."""
+def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = False, prefix: str = "") -> Any:
+    """Return ``cfg`` with dotted keys replaced (values parsed from strings when ``strings``); ``prefix``:
+    the dotted path of ``cfg`` inside the stage config, for messages (``dit.``)."""
     nested: dict[str, dict[str, Any]] = {}
     flat: dict[str, Any] = {}
     table = _fields(type(cfg))
@@ -357,9 +358,9 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = Fals
             raise ConfigError(f"--{raw_key} is now --{RENAMED[head].replace('_', '-')} (the same option in every stage)")
         if head not in table:
             close = difflib.get_close_matches(head, list(table), n=3)
-            hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
+            hint = f"; did you mean {', '.join('--' + prefix + c.replace('_', '-') for c in close)}?" if close else ""
             raise ConfigError(
-                f"unknown option --{raw_key} for {type(cfg).__name__}{hint} "
+                f"unknown option --{prefix}{raw_key} for {type(cfg).__name__}{hint} "
                 f"(known: {', '.join(sorted(table))})"
             )
         _, tp = table[head]
@@ -372,7 +373,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any], *, strings: bool = Fals
         else:
             flat[head] = _parse_value(value, tp, raw_key) if strings and isinstance(value, str) else value
     for head, sub in nested.items():
-        flat[head] = apply_overrides(getattr(cfg, head), {f"{k}": v for k, v in sub.items()}, strings=strings)
+        flat[head] = apply_overrides(getattr(cfg, head), {f"{k}": v for k, v in sub.items()}, strings=strings,
+                                     prefix=f"{prefix}{head.replace('_', '-')}.")  # fmt: skip
     try:
         return dataclasses.replace(cfg, **flat)
     except (ValueError, TypeError) as err:

@@ -816,7 +816,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     stage = argv[0]
     if stage not in (*RUNNERS, "precompute"):
-        raise ConfigError(f"unknown stage {stage!r}; {USAGE}")
+        import difflib
+
+        close = difflib.get_close_matches(stage, [*RUNNERS, "precompute"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown stage {stage!r}{hint}; {USAGE}")
     if "--help" in argv or "-h" in argv:
         at = argv.index("--preset") if "--preset" in argv else -1
         preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "shapes")

@@ -367,6 +367,15 @@ def _model_fn(args: argparse.Namespace) -> Any:
     if vae_path is None:
         raise SystemExit("--vae PATH is needed with a checkpoint (e.g. runs/shapes/vae/final.safetensors)")
     vae = load_wan_vae(vae_path)
+    if not source.startswith("embedded:"):  # found before any video, and named: not a shape error mid-decode
+        from causvid_core.checkpoint import describe
+
+        in_dim = describe(source).config.in_dim
+        if in_dim != vae.z_dim:
+            raise ValueError(
+                f"{source} works on {in_dim}-channel latents but --vae {vae_path} makes {vae.z_dim}: pass "
+                "the VAE its run trained (its runs folder's vae/final.safetensors or vae-decoder/final.safetensors)"
+            )
     text = checkpoint_text_encoder(source)
     if args.model:
         return generators.student(args.model, vae, text=text)

@@ -205,6 +205,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 def test_bad_options_name_the_problem() -> None:
     with pytest.raises(ConfigError, match=r"unknown option --stepz.*did you mean --steps"):
         parse_cli("teacher", ["--stepz", "3"])
+    with pytest.raises(ConfigError, match=r"unknown option --dit.num_layer for DiTConfig; did you mean --dit.num-layers\?"):
+        parse_cli("teacher", ["--dit.num-layer", "3"])  # the suggestion keeps the dotted path, so it works
+    with pytest.raises(ConfigError, match=r"unknown stage 'teachr' \(did you mean 'teacher'\?\)"):
+        main(["teachr"])
     with pytest.raises(ConfigError, match=r"--steps expects int, got 'abc'"):
         parse_cli("teacher", ["--steps", "abc"])
     with pytest.raises(ConfigError, match=r"--grad-ckpt expects a bool"):

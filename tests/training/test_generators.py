@@ -107,3 +107,21 @@ def test_eval_scores_the_teacher_an_embedded_model_ships(tmp_path, monkeypatch) 
     shapes_eval.main(["--teacher", "embedded:evalshapes", "--teacher-steps", "2", "--prompts", "1", "--seconds",
                       "1", "--causal-chunk", "3"])  # fmt: skip
     assert seen["chunk"] == 3  # an explicit --causal-chunk wins
+
+
+def test_eval_names_a_vae_of_another_channel_count_before_any_video(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from causvid_core.vae import VAEConfig, WanVAE
+    from training import eval as shapes_eval
+    from training.vae_stage import store_statistics
+
+    cfg = PRESETS["tiny"].dit  # 16-channel latents
+    save_model(CausalWanModel(cfg), tmp_path / "student.safetensors")
+    small = VAEConfig(z_dim=4, base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4,
+                      latents_std=(1.0,) * 4)  # fmt: skip
+    save_file({k: v.contiguous() for k, v in WanVAE(small).state_dict().items()}, str(tmp_path / "vae4.safetensors"))
+    store_statistics(tmp_path / "vae4.safetensors", [0.0] * 4, [1.0] * 4)  # a loadable 4-channel VAE file
+    with pytest.raises(ValueError, match=r"works on 16-channel latents but --vae .*vae4.safetensors makes 4: pass"):
+        shapes_eval.main(["--model", str(tmp_path / "student.safetensors"), "--vae", str(tmp_path / "vae4.safetensors"),
+                          "--prompts", "1", "--seconds", "1"])  # fmt: skip
