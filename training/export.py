@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from causvid_core.text import ShapesTextEncoder
 from .state import save_weights
 
 BUDGET_BYTES = 25 * 1000 * 1000  # SHAPES.md: all shipped weights together at most 25 MB
+SHIPPED_FILES = ("dit.safetensors", "vae.safetensors", "teacher.safetensors", "text.safetensors", "MODEL_CARD.md")
 OUTSIDE_RUNS = "(a folder outside the runs directory)"  # what the card says for a path it must not name
 # the card's stage folders in recipe order; vae-images / vae-colour / vae-clips / vae-shape and teacher-base
 # are the earlier runs of a stage trained in several (docs/training.md), each continued with --init by the next
@@ -178,23 +181,36 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     for folder, path in needed.items():
         if not path.is_file():
             raise ValueError(f"{path} not found: {_made_by(folder, run)}")
-    out.mkdir(parents=True, exist_ok=True)
-    vae_meta = file_metadata(needed["vae"])
-    stats = {"causvid_latents": vae_meta["causvid_latents"]} if "causvid_latents" in vae_meta else {}
-    files = {
-        "dit.safetensors": _half(needed[dit_stage], out / "dit.safetensors", stats),
-        "vae.safetensors": _half(needed["vae"], out / "vae.safetensors"),
-    }
-    if teacher:
-        files["teacher.safetensors"] = _half(needed[teacher_stage], out / "teacher.safetensors", stats)
-    cfg = json.loads(file_metadata(needed[dit_stage])["causvid_training"])
-    dit = cfg["dit"]
-    text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
-    save_weights({k: v.contiguous() for k, v in text.state_dict().items()}, out / "text.safetensors", {})
-    files["text.safetensors"] = (out / "text.safetensors").stat().st_size
-    if sum(files.values()) > BUDGET_BYTES:
-        raise ValueError(f"the shipped weights take {sum(files.values()):,} bytes, over the 25 MB budget")
-    (out / "MODEL_CARD.md").write_text(model_card(run, files, figures, commands or [], recipe_stages(dit_stage)))
+    # everything is written into a scratch folder beside ``out`` first: over the budget or stopped
+    # part-way, ``out`` (the shipped model, by default) is as it was
+    final_out, out = out, out.with_name(f".{out.name}.export-tmp")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        vae_meta = file_metadata(needed["vae"])
+        stats = {"causvid_latents": vae_meta["causvid_latents"]} if "causvid_latents" in vae_meta else {}
+        files = {
+            "dit.safetensors": _half(needed[dit_stage], out / "dit.safetensors", stats),
+            "vae.safetensors": _half(needed["vae"], out / "vae.safetensors"),
+        }
+        if teacher:
+            files["teacher.safetensors"] = _half(needed[teacher_stage], out / "teacher.safetensors", stats)
+        cfg = json.loads(file_metadata(needed[dit_stage])["causvid_training"])
+        dit = cfg["dit"]
+        text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
+        save_weights({k: v.contiguous() for k, v in text.state_dict().items()}, out / "text.safetensors", {})
+        files["text.safetensors"] = (out / "text.safetensors").stat().st_size
+        if sum(files.values()) > BUDGET_BYTES:
+            raise ValueError(f"the shipped weights take {sum(files.values()):,} bytes, over the 25 MB budget")
+        (out / "MODEL_CARD.md").write_text(model_card(run, files, figures, commands or [], recipe_stages(dit_stage)))
+        final_out.mkdir(parents=True, exist_ok=True)
+        for name in SHIPPED_FILES:  # a file this export does not ship (a teacher, with --no-teacher) goes
+            if (out / name).exists():
+                os.replace(out / name, final_out / name)
+            else:
+                (final_out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     return files
 
 
@@ -210,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", help="JSON of evaluation figures to put in the model card")
     parser.add_argument("--commands", help="text file with the recipe's commands, one per line")
     args = parser.parse_args(argv)
+    for flag, path in (("--figures", args.figures), ("--commands", args.commands)):
+        if path and not Path(path).is_file():
+            print(f"error: {flag} {path} not found", file=sys.stderr)
+            return 2
     figures = json.loads(Path(args.figures).read_text()) if args.figures else None
     commands = Path(args.commands).read_text().splitlines() if args.commands else []
     try:

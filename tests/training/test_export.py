@@ -66,6 +66,19 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     assert load_wan_vae(out / "vae.safetensors").config.latents_std == stats[1]
     assert bundle.text_encoder.encode(["a red circle moving right"]).shape[1:] == (16, 32)
 
+    # into a folder that holds an earlier export: over the budget it is left as it was; without a teacher the
+    # old teacher.safetensors goes (it would be shipped beside a student it was not exported with)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr("training.export.BUDGET_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the 25 MB budget"):
+        export(run, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(out.parent.glob(".*export-tmp"))
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(out.parent))
+    export(run, out, teacher=False)
+    assert not (out / "teacher.safetensors").exists() and (out / "dit.safetensors").exists()
+
     # a fine-tuned decoder (vae-decoder) is what ships once it exists; the card lists its stage. This one was
     # an experiment trained outside the runs folder and moved in: neither the card nor the shipped weights name
     # the folder it was trained in, and its config says where it lies now
