@@ -284,6 +284,27 @@ def build_source(cfg: RunConfig, codec: LatentCodec | None = None) -> ShapesSour
     return src
 
 
+def check_shard_settings(path: Path, expected: dict[str, Any]) -> None:
+    """Refuse to keep (skip) an existing shard made with other settings than this run's: a folder of
+    shards must be one dataset. ``expected``: setting -> value, looked up in the shard's metadata, then in
+    its stored config; settings the shard does not record are not compared; paths compare resolved."""
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    differ = []
+    for key, want in expected.items():
+        have = meta[key] if key in meta else config.get(key, want)
+        if isinstance(want, Path):
+            have, want = Path(str(have)).resolve(), want.resolve()
+        if have != want:
+            differ.append(f"{key} {have} here, {want} now")
+    if differ:
+        raise ConfigError(
+            f"{path.parent} holds shards made with other settings ({'; '.join(differ)}): one folder is one "
+            "dataset, so give another --out-dir, or delete the folder to make it again with these settings"
+        )
+
+
 def write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
     """Atomic safetensors write (tmp file, then rename); metadata values stored as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +412,9 @@ def run_precompute(cfg: Any, ctx: Any) -> dict[str, Any]:
     for j in range(ctx.rank, n_shards, ctx.world_size):
         out = folder / f"shard_{j:05d}.safetensors"
         if out.exists():
+            check_shard_settings(out, {"source": cfg.videos, "vae": cfg.vae, "seed": cfg.seed,
+                                       "shard_size": cfg.shard_size, "num_frames": cfg.num_frames,
+                                       "height": cfg.height, "width": cfg.width})  # fmt: skip
             continue
         idx = list(range(j * cfg.shard_size, min(total, (j + 1) * cfg.shard_size)))
         lat, prompts = [], []

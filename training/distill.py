@@ -478,7 +478,7 @@ def keep_indices(cfg: OdePairsConfig) -> tuple[list[int], list[float]]:
 
 def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     """Teacher trajectories with CFG from seeded noise, stored in resumable shards of ``shard_size``."""
-    from .data import write_shard
+    from .data import check_shard_settings, write_shard
 
     dev = ctx.device
     causal = cfg.teacher_kind == "causal"
@@ -499,6 +499,9 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     for j in range(ctx.rank, n_shards, ctx.world_size):
         out = folder / f"shard_{j:05d}.safetensors"
         if out.exists():
+            check_shard_settings(out, {"teacher": Path(path), "teacher_kind": cfg.teacher_kind,
+                                       "guidance": cfg.guidance, "num_steps": cfg.num_steps, "noise_seed": cfg.seed,
+                                       "shard_size": cfg.shard_size, "num_frames": cfg.num_frames})  # fmt: skip
             _say(ctx, f"{out.name} exists, skipped")
             continue
         idx = list(range(j * cfg.shard_size, min(cfg.num_samples, (j + 1) * cfg.shard_size)))

@@ -58,3 +58,14 @@ def test_missing_embedded_vae_says_how_to_get_it(tmp_path: Path) -> None:
         ConfigError, match="embedded model 'embedded:nothing' has no vae weights.*docs/training.md"
     ):
         main(["precompute", "--preset", "tiny", "--runs-dir", str(tmp_path), "--vae", "embedded:nothing"])
+
+
+def test_shards_made_with_other_settings_are_not_mixed_in(tmp_path: Path) -> None:
+    """precompute (and ode-pairs) skip the shards a folder already holds, so a run with another --vae
+    (or teacher, guidance, seed) into the same folder must stop rather than mix two datasets."""
+    main(["precompute", "--preset", "tiny", "--runs-dir", str(tmp_path), "--vae", "pool"])
+    main(["precompute", "--preset", "tiny", "--runs-dir", str(tmp_path), "--vae", "pool"])  # same: skipped
+    with pytest.raises(ConfigError, match=r"holds shards made with other settings \(vae pool here, tiny now\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main(["precompute", "--preset", "tiny", "--runs-dir", str(tmp_path), "--vae", "tiny"])
