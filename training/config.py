@@ -414,6 +414,12 @@ def make_config(stage: str, preset: str, overrides: dict[str, Any] | None = None
     base = {**_COMMON[preset], **_STAGE.get(preset, {}).get(stage, {})}
     cfg = apply_overrides(cfg, {k: v for k, v in base.items() if k in _fields(type(cfg))})
     cfg = apply_overrides(cfg, overrides or {}, strings=True)
+    arch = getattr(cfg, "arch", None)
+    if isinstance(cfg, VAETrainConfig) and len(arch.latents_mean) != arch.z_dim and not any(
+        k.replace("-", "_").startswith(("arch.latents_mean", "arch.latents_std")) for k in (overrides or {})
+    ):  # --arch.z-dim N alone: placeholder statistics of N channels (the stage measures the real ones)
+        z = arch.z_dim
+        cfg = dataclasses.replace(cfg, arch=dataclasses.replace(arch, latents_mean=(0.0,) * z, latents_std=(1.0,) * z))
     validate(cfg)
     return cfg
 

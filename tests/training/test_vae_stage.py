@@ -840,3 +840,15 @@ def test_code_swap_decodes_the_twin_of_another_shape_from_the_originals_outline(
                                                            "code_swap": bad}))
     with pytest.raises(ConfigError, match="--code-swap.*--decoder-only true"):
         distill.run("vae", make_config("vae", "tiny", {"code_swap": "0.5", "steps": "1"}))
+
+
+def test_a_vae_of_another_latent_width_trains_from_the_command_line(tmp_path) -> None:
+    """--arch.z-dim 8 (with the DiT sized to match) used to stop on the preset's 16 latent statistics; the
+    stage measures its own after training, so it starts from placeholders of the right length."""
+    cfg = make_config("vae", "tiny", {"arch.z_dim": "8", "dit.in_dim": "8", "dit.out_dim": "8", "steps": "1",
+                                      "image_steps": "1", "guide_steps": "0", "stats_samples": "2",
+                                      "runs_dir": str(tmp_path)})  # fmt: skip
+    assert cfg.arch.latents_mean == (0.0,) * 8 and cfg.arch.latents_std == (1.0,) * 8
+    distill.run("vae", cfg)
+    vae = load_wan_vae(tmp_path / "shapes" / "vae" / "final.safetensors")
+    assert vae.z_dim == 8 and len(vae.config.latents_std) == 8 and vae.config.latents_std != (1.0,) * 8
