@@ -129,6 +129,19 @@ def plot_losses(rows: Sequence[dict[str, float]], path: Path, title: str) -> Non
     img.save(path)
 
 
+def write_strip(frames: np.ndarray, path: Path, count: int = 8, scale: int = 2) -> None:
+    """A PNG of ``count`` evenly spaced frames side by side (nearest-neighbour ``scale``x): a sample seen at
+    a glance in a file browser, next to its mp4, and comparable step to step."""
+    from PIL import Image
+
+    t = frames.shape[0]
+    picks = np.linspace(0, t - 1, num=min(count, t)).round().astype(int)
+    strip = np.concatenate([frames[i] for i in picks], axis=1)
+    image = Image.fromarray(np.ascontiguousarray(strip))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
 def write_video(frames: np.ndarray, path: Path, fps: int = 16) -> None:
     """Write uint8 [T, H, W, 3] frames to a small mp4 (H.264 when available, else MPEG-4)."""
     import av

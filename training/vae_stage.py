@@ -929,7 +929,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
 @torch.no_grad()
 def _reconstruction_video(vae: WanVAE, cfg: VAETrainConfig, path: Path) -> None:
     """Source | reconstruction side by side for one full-length clip."""
-    from .logging_utils import write_video
+    from .logging_utils import write_strip, write_video
 
     was = vae.training
     vae.eval()
@@ -940,3 +940,4 @@ def _reconstruction_video(vae: WanVAE, cfg: VAETrainConfig, path: Path) -> None:
     both = torch.cat([video, recon], dim=4)[0].clamp(-1, 1)
     frames = ((both.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
     write_video(np.ascontiguousarray(frames), path, fps=16)
+    write_strip(frames, path.with_suffix(".png"), scale=1)  # 8 frames, each source | reconstruction

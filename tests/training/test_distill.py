@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from causvid_core.checkpoint import load_model
@@ -52,6 +53,8 @@ def test_teacher_loss_falls_and_final_checkpoint_loads(chain: dict) -> None:
     assert meta["causvid_stage"] == "teacher" and json.loads(meta["causvid_step"]) == 30
     assert json.loads(meta["causvid_training"])["steps"] == 30
     assert (folder / "samples" / "step_000030.mp4").stat().st_size > 0
+    with Image.open(folder / "samples" / "step_000030.png") as strip:  # 8 of its 21 frames of 32x32, at 2x
+        assert strip.size == (8 * 32 * 2, 32 * 2)
     assert (folder / "loss.png").exists() and (folder / "log.csv").read_text().count("\n") == 31
 
 

@@ -847,8 +847,12 @@ def test_a_vae_of_another_latent_width_trains_from_the_command_line(tmp_path) ->
     stage measures its own after training, so it starts from placeholders of the right length."""
     cfg = make_config("vae", "tiny", {"arch.z_dim": "8", "dit.in_dim": "8", "dit.out_dim": "8", "steps": "1",
                                       "image_steps": "1", "guide_steps": "0", "stats_samples": "2",
-                                      "runs_dir": str(tmp_path)})  # fmt: skip
+                                      "sample_every": "1", "runs_dir": str(tmp_path)})  # fmt: skip
     assert cfg.arch.latents_mean == (0.0,) * 8 and cfg.arch.latents_std == (1.0,) * 8
     distill.run("vae", cfg)
     vae = load_wan_vae(tmp_path / "shapes" / "vae" / "final.safetensors")
     assert vae.z_dim == 8 and len(vae.config.latents_std) == 8 and vae.config.latents_std != (1.0,) * 8
+    from PIL import Image
+
+    with Image.open(tmp_path / "shapes" / "vae" / "samples" / "step_000001.png") as strip:
+        assert strip.size == (8 * 2 * 32, 32)  # 8 frames, each source | reconstruction, beside the mp4
