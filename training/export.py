@@ -167,6 +167,25 @@ def _made_by(folder: str, run: Path) -> str:
     return f"train the stage that writes it first (a stage's own folder, or one given --out-dir {run / folder})"
 
 
+def _check_same_encoder(dit: Path, vae: Path, run: Path) -> None:
+    """The shipped VAE must encode as the one the DiT's latents came from: ``--vae run`` (this run's
+    vae/, whose encoder vae-decoder/ keeps) or a file with the same encoder weights."""
+    raw = file_metadata(dit).get("causvid_training")
+    used = json.loads(raw).get("vae") if raw else None
+    if used in (None, "run"):
+        return
+    path = Path(used)
+    if not path.is_file():
+        raise ValueError(
+            f"{dit} was trained on --vae {used} latents, not this run's VAE ({vae}): the shipped model would "
+            "decode with a VAE its latents do not fit; export a student trained with --vae run"
+        )
+    theirs, ours = load_file(str(path)), load_file(str(vae))
+    keys = [k for k in theirs if k.startswith(("encoder.", "conv1."))]  # conv1: the latent head
+    if not keys or any(k not in ours or not torch.equal(theirs[k].float(), ours[k].float()) for k in keys):
+        raise ValueError(f"{dit} was trained on latents of {path}, whose encoder is not that of {vae}")
+
+
 def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
            figures: dict[str, Any] | None = None, commands: list[str] | None = None,
            teacher_stage: str = "teacher") -> dict[str, int]:  # fmt: skip
@@ -181,6 +200,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     for folder, path in needed.items():
         if not path.is_file():
             raise ValueError(f"{path} not found: {_made_by(folder, run)}")
+    _check_same_encoder(needed[dit_stage], needed["vae"], run)
     # everything is written into a scratch folder beside ``out`` first: over the budget or stopped
     # part-way, ``out`` (the shipped model, by default) is as it was
     final_out, out = out, out.with_name(f".{out.name}.export-tmp")

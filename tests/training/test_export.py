@@ -112,6 +112,17 @@ def test_export_names_the_missing_stage(tmp_path) -> None:
     (tmp_path / "nothing" / "vae" / "final.safetensors").write_bytes(b"")  # present: the student is next
     with pytest.raises(ValueError, match=r"dmd-causal-teacher/final.safetensors not found: .* dmd .*--teacher-kind causal"):
         export(tmp_path / "nothing", tmp_path / "out", dit_stage="dmd-causal-teacher")
+    # a student trained on the weight-free stand-in's latents would ship with a VAE its latents do not fit
+    from causvid_core.checkpoint import save_model
+    from causvid_core.config import PRESETS
+    from causvid_core.model import CausalWanModel
+
+    (tmp_path / "nothing" / "dmd").mkdir()
+    save_model(CausalWanModel(PRESETS["tiny"].dit), tmp_path / "nothing" / "dmd" / "final.safetensors",
+               extra_metadata={"causvid_training": {"vae": "pool"}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"was trained on --vae pool latents, not this run's VAE"):
+        export(tmp_path / "nothing", tmp_path / "out", teacher=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_causal_teacher_student_ships_with_its_chain_in_the_card(tmp_path) -> None:
