@@ -167,7 +167,7 @@ def _made_by(folder: str, run: Path) -> str:
     return f"train the stage that writes it first (a stage's own folder, or one given --out-dir {run / folder})"
 
 
-def _check_same_encoder(dit: Path, vae: Path, run: Path) -> None:
+def _check_same_encoder(dit: Path, vae: Path) -> None:
     """The shipped VAE must encode as the one the DiT's latents came from: ``--vae run`` (this run's
     vae/, whose encoder vae-decoder/ keeps) or a file with the same encoder weights."""
     raw = file_metadata(dit).get("causvid_training")
@@ -200,7 +200,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     for folder, path in needed.items():
         if not path.is_file():
             raise ValueError(f"{path} not found: {_made_by(folder, run)}")
-    _check_same_encoder(needed[dit_stage], needed["vae"], run)
+    _check_same_encoder(needed[dit_stage], needed["vae"])
     # everything is written into a scratch folder beside ``out`` first: over the budget or stopped
     # part-way, ``out`` (the shipped model, by default) is as it was
     final_out, out = out, out.with_name(f".{out.name}.export-tmp")
