@@ -44,7 +44,15 @@ def init_distributed(device: str = "auto", fsdp: bool = False) -> DistContext:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        from .config import ConfigError
+
         dev = torch.device("cuda", local if dev.index is None else dev.index)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index >= count:  # torch's own answer is "invalid device ordinal"
+            raise ConfigError(
+                f"rank {rank} would use GPU {dev.index}, but this machine has {count} CUDA GPU(s): run torchrun "
+                f"with --nproc_per_node {max(count, 1)} or fewer (one rank per GPU), or --device cpu"
+            )
         torch.cuda.set_device(dev)
     if fsdp and world <= 1:
         fsdp = False  # nothing to shard in one process

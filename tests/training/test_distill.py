@@ -270,6 +270,22 @@ def test_fsdp_on_the_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch
         init_distributed("cpu", fsdp=True)
 
 
+def test_more_ranks_than_gpus_names_nproc_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node 4 on a 2-GPU machine: rank 2 is told what to change, before any CUDA call
+    answers with "invalid device ordinal"."""
+    from training.dist import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    with pytest.raises(ConfigError, match=r"rank 2 would use GPU 2, but this machine has 2 CUDA GPU\(s\): run "
+                                          r"torchrun with --nproc_per_node 2 or fewer"):
+        init_distributed("cuda")
+
+
 def test_missing_input_names_the_stage_and_command(tmp_path: Path) -> None:
     # the command it names writes where this run looks: the same --runs-dir
     made = r"'teacher' stage makes it: python -m training.distill teacher .*--runs-dir " + re.escape(str(tmp_path))
