@@ -205,7 +205,7 @@ def load_bundle(
     if name.startswith(EMBEDDED_PREFIX):
         embedded = name[len(EMBEDDED_PREFIX) :]
         path = embedded_file(embedded, "dit")
-        text_encoder = _embedded_text_encoder(embedded)
+        text_encoder = embedded_text_encoder(embedded)
         if dtype is None:  # shipped in float16 to stay small; computed in float32 unless asked otherwise
             dtype = torch.float32
     else:
@@ -222,7 +222,8 @@ def load_bundle(
     return ModelBundle(model, sampling, causal, fps, name, text_encoder, report, **_latent_stats(metadata))
 
 
-def _embedded_text_encoder(name: str) -> Any:
+def embedded_text_encoder(name: str) -> Any:
+    """The text encoder an embedded model ships (its text.safetensors)."""
     from safetensors.torch import load_file
 
     from .text import ShapesTextEncoder

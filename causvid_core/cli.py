@@ -324,12 +324,10 @@ def _render(args: argparse.Namespace, generate: bool = False) -> int:
     else:
         out = Path(args.out) if args.out else None
         if out is not None and out.exists() and not args.overwrite:
-            from .resume import sidecar_path
+            from .resume import interrupted_message
 
-            if sidecar_path(out).exists():
-                raise ValueError(f"{out} is an interrupted render: continue it with python -m causvid_core render "
-                                 f"--resume {out} (--overwrite starts again and drops its finished frames)")  # fmt: skip
-            raise ValueError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+            raise ValueError(interrupted_message(out) or f"{out} already exists: pass --overwrite to replace it, "
+                             "or choose another --out")  # fmt: skip
         job = build_job(_render_settings(args), Path(args.out or "."), device=args.device)
     load_s = time.perf_counter() - t_load
     context = 0 if job.context_latents is None else job.context_latents.shape[2]

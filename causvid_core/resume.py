@@ -364,11 +364,12 @@ class _FileRender:
         self.sidecar.unlink(missing_ok=True)
 
 
-def _exists_message(out: Path) -> str:
-    if sidecar_path(out).exists():
-        return (f"{out} is an interrupted render: continue it with `python -m causvid_core render --resume {out}` "
-                "(or the node's resume input); overwriting it starts again and drops its finished frames")  # fmt: skip
-    return f"{out} already exists: choose another name, or overwrite it explicitly"
+def interrupted_message(out: Path) -> str | None:
+    """What to say when a new render would overwrite ``out`` while it is an interrupted one; else None."""
+    if not sidecar_path(out).exists():
+        return None
+    return (f"{out} is an interrupted render: continue it with `python -m causvid_core render --resume {out}` "
+            "(or the node's resume input); overwriting it starts again and drops its finished frames")  # fmt: skip
 
 
 def render_to_file(
@@ -405,7 +406,8 @@ def render_to_file(
             )
     else:
         if job.out.exists() and not overwrite:
-            raise ValueError(_exists_message(job.out))
+            raise ValueError(interrupted_message(job.out) or f"{job.out} already exists: choose another name, or "
+                             "overwrite it explicitly")  # fmt: skip
         for stale in (sidecar_path(job.out), Path(f"{job.out}{HISTORY_SUFFIX}")):
             stale.unlink(missing_ok=True)
         total = count_chunks(job.request, job.causal, context_frames)

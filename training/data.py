@@ -133,11 +133,9 @@ def checkpoint_text_encoder(source: str | Path, config: Any | None = None) -> Sh
     """
     name = str(source)
     if name.startswith("embedded:"):
-        from safetensors.torch import load_file
+        from causvid_core.bundle import embedded_text_encoder
 
-        from causvid_core.bundle import embedded_file
-
-        return ShapesTextEncoder.from_state_dict(load_file(str(embedded_file(name[len("embedded:") :], "text"))))
+        return embedded_text_encoder(name[len("embedded:") :])
     if config is None:
         from causvid_core.checkpoint import describe
 

@@ -99,7 +99,7 @@ def evaluate(
     return score_items(items, drift=drift, window_s=window_s, background=background, on_video=on_video)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON at ``path``, its folder made first; atomic (a stop mid-write keeps the old file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -128,7 +128,7 @@ class _Progress:
         print(f"[{len(videos)}{of}] {v['name']} {v['prompt']!r}: {figs} (text / temporal / frame), "
               f"{time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         if self.json_path is not None:
-            _write_json(partial_path(self.json_path),
+            write_json(partial_path(self.json_path),
                         {"partial": True, "summary": _mean_dicts(videos), "videos": videos})  # fmt: skip
 
 
@@ -367,16 +367,17 @@ def _model_fn(args: argparse.Namespace) -> Any:
     if vae_path is None:
         raise SystemExit("--vae PATH is needed with a checkpoint (e.g. runs/shapes/vae/final.safetensors)")
     vae = load_wan_vae(vae_path)
+    config = None
     if not source.startswith("embedded:"):  # found before any video, and named: not a shape error mid-decode
         from causvid_core.checkpoint import describe
 
-        in_dim = describe(source).config.in_dim
-        if in_dim != vae.z_dim:
+        config = describe(source).config
+        if config.in_dim != vae.z_dim:
             raise ValueError(
-                f"{source} works on {in_dim}-channel latents but --vae {vae_path} makes {vae.z_dim}: pass "
+                f"{source} works on {config.in_dim}-channel latents but --vae {vae_path} makes {vae.z_dim}: pass "
                 "the VAE its run trained (its runs folder's vae/final.safetensors or vae-decoder/final.safetensors)"
             )
-    text = checkpoint_text_encoder(source)
+    text = checkpoint_text_encoder(source, config)  # the config read once, for both
     if args.model:
         return generators.student(args.model, vae, text=text)
     teacher = args.teacher
@@ -433,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{key:20s} {row['base']:7.1f} {row['new']:7.1f} {row['difference']:+9.1f} "
                   f"{row['standard_error']:6.1f}")  # fmt: skip
         if args.json is not None:
-            _write_json(args.json, {"paired": paired})
+            write_json(args.json, {"paired": paired})
         return {"paired": paired}
     background = "estimate" if args.estimate_background else None
     if args.videos is not None:
@@ -463,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     print(format_table(result))
     if args.json is not None:
-        _write_json(args.json, result)
+        write_json(args.json, result)
         partial_path(args.json).unlink(missing_ok=True)
     if drift:
         plot_drift(result["drift"], args.drift)

@@ -167,11 +167,9 @@ def _made_by(folder: str, run: Path) -> str:
     return f"train the stage that writes it first (a stage's own folder, or one given --out-dir {run / folder})"
 
 
-def _check_same_encoder(dit: Path, vae: Path) -> None:
-    """The shipped VAE must encode as the one the DiT's latents came from: ``--vae run`` (this run's
-    vae/, whose encoder vae-decoder/ keeps) or a file with the same encoder weights."""
-    raw = file_metadata(dit).get("causvid_training")
-    used = json.loads(raw).get("vae") if raw else None
+def _check_same_encoder(dit: Path, used: str | None, vae: Path) -> None:
+    """The shipped VAE must encode as the one the DiT's latents came from (``used``, its run's --vae):
+    ``run`` (this run's vae/, whose encoder vae-decoder/ keeps) or a file with the same encoder weights."""
     if used in (None, "run"):
         return
     path = Path(used)
@@ -200,7 +198,8 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
     for folder, path in needed.items():
         if not path.is_file():
             raise ValueError(f"{path} not found: {_made_by(folder, run)}")
-    _check_same_encoder(needed[dit_stage], needed["vae"])
+    cfg = json.loads(file_metadata(needed[dit_stage]).get("causvid_training") or "{}")
+    _check_same_encoder(needed[dit_stage], cfg.get("vae"), needed["vae"])
     # everything is written into a scratch folder beside ``out`` first: over the budget or stopped
     # part-way, ``out`` (the shipped model, by default) is as it was
     final_out, out = out, out.with_name(f".{out.name}.export-tmp")
@@ -215,7 +214,6 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
         }
         if teacher:
             files["teacher.safetensors"] = _half(needed[teacher_stage], out / "teacher.safetensors", stats)
-        cfg = json.loads(file_metadata(needed[dit_stage])["causvid_training"])
         dit = cfg["dit"]
         text = ShapesTextEncoder(dit["text_dim"], dit["text_len"], seed=cfg.get("text_seed", 0))
         save_weights({k: v.contiguous() for k, v in text.state_dict().items()}, out / "text.safetensors", {})

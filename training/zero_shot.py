@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, part in result.items():
         print(name, json.dumps(part["summary"]))
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.json)
+        from .eval import write_json
+
+        write_json(args.json, result)
     return result
 
 

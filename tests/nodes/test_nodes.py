@@ -30,6 +30,12 @@ def loaders() -> dict:
     }  # fmt: skip
 
 
+def empty_image(width: int, height: int, frames: int, colour: int) -> dict:
+    """ComfyUI's own EmptyImage node: ``frames`` images of one colour."""
+    return {"class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": frames, "color": colour}}  # fmt: skip
+
+
 def stream(**over) -> dict:
     base = {"width": 32, "height": 32, "length": 33, "length_unit": "frames", "seed": 0, "kv_window": 2,
             "kv_sink": 1, "rope_mode": "absolute", "recache_on_switch": True}  # fmt: skip
@@ -116,10 +122,7 @@ def test_sampler_latent_decodes_and_image_seed_starts_the_video(host, embedded) 
     later = []
     for colour in (0xFF0000, 0x0000FF):
         p = loaders()
-        p["5"] = {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": colour},
-        }
+        p["5"] = empty_image(32, 32, 1, colour)
         p["6"] = {"class_type": "CausVid_ImageToVideoSeed", "inputs": {"image": ["5", 0], "vae": ["2", 0],
                                                                       "width": 32, "height": 32}}  # fmt: skip
         p["7"] = {"class_type": "CausVid_Sampler", "inputs": {"model": ["1", 0], "prompts": ["3", 0],
@@ -147,10 +150,7 @@ def test_stream_v2v_restyles_every_frame(host, embedded) -> None:
     outputs = []
     for colour in (0x00FF00, 0x0000FF):
         p = loaders()
-        p["5"] = {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 40, "height": 36, "batch_size": 14, "color": colour},
-        }
+        p["5"] = empty_image(40, 36, 14, colour)
         p["6"] = {"class_type": "CausVid_StreamV2V", "inputs": {
             "model": ["1", 0], "vae": ["2", 0], "prompts": ["3", 0], "strength": 0.6, "width": 32, "height": 32,
             "seed": 0, "video_path": "", "max_frames": 0, "filename_prefix": "causvid/v2v", "crf": 18,
