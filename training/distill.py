@@ -525,7 +525,10 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
             out, {"trajectory": torch.cat(trajs), "context": text, "timesteps": torch.tensor(kept_t)}, meta
         )
         written.append(out)
-        _say(ctx, f"wrote {out} ({len(idx)} samples)")
+        # the first pair of each shard decoded, to see what ode-init will learn before it runs
+        preview = folder / "samples" / f"{out.stem}.mp4"
+        _write_latent_video(trajs[0][:1, -1], cfg, preview)
+        _say(ctx, f"wrote {out} ({len(idx)} samples; the first, {prompts[0]!r}, decoded to {preview})")
     dist.barrier(ctx)
     return {"stage": "ode-pairs", "folder": folder, "written": written}
 
