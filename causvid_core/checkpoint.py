@@ -3,8 +3,9 @@
 Layouts: the CausVid release (``model.pt``, ``generator`` state dict prefixed ``model.``),
 Self-Forcing (``generator_ema`` preferred, FSDP / compile fragments), Wan2.1 safetensors (single or
 sharded with an index), ComfyUI repackaged (``model.diffusion_model.`` prefix, fp16 / bf16 /
-scaled fp8), diffusers ``WanTransformer3DModel`` (folder or single file), and this package's own
-safetensors (config in the metadata). Everything is renamed to Wan's key names, checked key by key
+scaled fp8), GGUF (ComfyUI-GGUF's quantised Wan files: Q8_0 ... Q2_K, F16, BF16), diffusers
+``WanTransformer3DModel`` (folder or single file), and this package's own safetensors (config in the
+metadata). Quantised weights are dequantised one tensor at a time, on the target device. Everything is renamed to Wan's key names, checked key by key
 and shape by shape, and assigned into a model built on the ``meta`` device (no double allocation).
 Pickles are read only with ``torch.load(weights_only=True)``.
 """
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .config import PRESETS, DiTConfig, dit_config_from_dict, to_dict
+from .gguf import MAGIC as GGUF_MAGIC
+from .gguf import GGUFError, QuantizedTensor, is_quantized_name, read_gguf
 from .hub import resolve_source
 from .model import CausalWanModel
 
@@ -37,6 +40,7 @@ LAYOUTS: dict[str, str] = {
     "wan-sharded": "Wan2.1 sharded safetensors with an index.json",
     "comfyui": "ComfyUI repackaged safetensors (model.diffusion_model. prefix)",
     "comfyui-fp8": "ComfyUI fp8 e4m3fn safetensors (weights dequantised with scale_weight)",
+    "gguf": "GGUF (ComfyUI-GGUF / llama.cpp container; quantised weights dequantised at load)",
     "diffusers": "diffusers WanTransformer3DModel",
     "causvid-safetensors": "comfyui-causvid safetensors (config in the metadata)",
     "pickle": "torch pickle of a Wan state dict",
@@ -176,9 +180,15 @@ def _split_scales(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, T
 
 
 def _dequantised(
-    weight: Tensor, scale: Tensor | None, dtype: torch.dtype, device: torch.device | str
+    weight: Tensor | QuantizedTensor, scale: Tensor | None, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """weight * scale_weight (float32 product, one tensor at a time), cast to ``dtype``."""
+    """weight * scale_weight (float32 product, one tensor at a time), or a GGUF tensor unpacked, cast to
+    ``dtype``."""
+    if isinstance(weight, QuantizedTensor):
+        try:
+            return weight.dequantize(dtype, device)
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from err
     if scale is None:
         return weight.to(device=device, dtype=dtype)
     weight = weight.to(device)
@@ -296,6 +306,28 @@ def _unwrap_pickle(obj: Any, path: Path) -> tuple[dict[str, Tensor], str]:
     )
 
 
+def _is_gguf(path: Path) -> bool:
+    if path.suffix == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def _read_gguf_file(path: Path) -> tuple[dict[str, QuantizedTensor], dict[str, str]]:
+    """The tensors of a GGUF file (bytes left in the file) and its scalar metadata as ``gguf.KEY`` strings."""
+    try:
+        tensors, metadata = read_gguf(path)
+    except GGUFError as err:
+        raise CheckpointError(str(err)) from err
+    arch = metadata.get("general.architecture")
+    if isinstance(arch, str) and not arch.lower().startswith("wan") and arch != "pig":
+        raise CheckpointError(
+            f"{path} is a GGUF of a '{arch}' model, not a Wan2.1 DiT: give a Wan GGUF (ComfyUI-GGUF's Wan "
+            "files, architecture 'wan'), or the model's .safetensors"
+        )
+    return tensors, {f"gguf.{k}": str(v) for k, v in metadata.items() if not isinstance(v, list)}
+
+
 def _find_in_folder(folder: Path) -> tuple[Path, dict[str, str]]:
     """The weights file of a model folder (diffusers or Wan) and its config.json as metadata."""
     if (folder / "transformer").is_dir() and not (folder / "config.json").is_file():
@@ -303,7 +335,7 @@ def _find_in_folder(folder: Path) -> tuple[Path, dict[str, str]]:
     metadata: dict[str, str] = {}
     if (folder / "config.json").is_file():
         metadata["config.json"] = (folder / "config.json").read_text()
-    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth"):
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth"):
         found = sorted(folder.glob(pattern))
         if pattern == "*.safetensors" and found and sorted(folder.glob("*.safetensors.index.json")):
             continue
@@ -311,14 +343,14 @@ def _find_in_folder(folder: Path) -> tuple[Path, dict[str, str]]:
             return found[0], metadata
         if len(found) > 1:
             raise CheckpointError(f"{folder} has several {pattern} files {[p.name for p in found]}; pass one")
-    raise CheckpointError(f"no weights (.safetensors, .bin, .pt) found in {folder}")
+    raise CheckpointError(f"no weights (.safetensors, .gguf, .bin, .pt) found in {folder}")
 
 
 @dataclass
 class RawCheckpoint:
     """A checkpoint renamed to Wan's key names, before it meets a model."""
 
-    state_dict: dict[str, Tensor]
+    state_dict: dict[str, Tensor | QuantizedTensor]  # GGUF tensors stay packed until taken
     layout: str
     metadata: dict[str, str]
     path: Path
@@ -327,7 +359,7 @@ class RawCheckpoint:
     scales: dict[str, Tensor] = field(default_factory=dict)  # fp8 weight key -> scale_weight
 
     def take(self, key: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-        """Remove one tensor, dequantised (fp8 * scale_weight) and cast to ``dtype`` on ``device``."""
+        """Remove one tensor, dequantised (fp8 * scale_weight, GGUF blocks) and cast to ``dtype`` on ``device``."""
         return _dequantised(self.state_dict.pop(key), self.scales.pop(key, None), dtype, device)
 
 
@@ -341,6 +373,9 @@ def _read_raw(path: Path, meta: bool = False) -> RawCheckpoint:
         layout = "wan-sharded"
     elif path.suffix == ".safetensors":
         sd, more = _read_safetensors(path, meta)
+    elif _is_gguf(path):
+        sd, more = _read_gguf_file(path)
+        layout = "gguf"
     else:
         sd, layout = _unwrap_pickle(safe_torch_load(path), path)
         sd, more = {k: v.to("meta") if meta else v for k, v in sd.items() if isinstance(v, Tensor)}, {}
@@ -373,12 +408,15 @@ def read_state_dict(
 ) -> tuple[dict[str, Tensor], str, dict[str, str]]:
     """(state dict with Wan key names, layout name, metadata) of any supported checkpoint.
 
-    fp8 weights with a ``scale_weight`` come back dequantised in float32; ``meta=True`` gives
-    shape-only tensors (nothing is read but the headers, for safetensors).
+    fp8 weights with a ``scale_weight`` and GGUF's quantised weights come back dequantised in float32;
+    ``meta=True`` gives shape-only tensors (nothing is read but the headers, for safetensors and GGUF).
     """
     raw = _read_raw(resolve_source(source), meta=meta)
     for key in list(raw.scales):
         raw.state_dict[key] = raw.take(key, torch.float32, raw.state_dict[key].device)
+    for key, value in raw.state_dict.items():
+        if isinstance(value, QuantizedTensor):
+            raw.state_dict[key] = torch.empty(value.shape, device="meta") if meta else value.dequantize()
     return raw.state_dict, raw.layout, raw.metadata
 
 
@@ -492,16 +530,18 @@ def check_state_dict(state_dict: dict[str, Tensor], cfg: DiTConfig, *, strict: b
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, source_dtypes: dict[str, int]) -> torch.dtype:
-    """The load dtype: the one asked for, else the file's main float dtype (fp8 -> bfloat16)."""
+    """The load dtype: the one asked for, else the file's main float dtype (fp8 and GGUF quants -> bfloat16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in _DTYPE_NAMES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
         return _DTYPE_NAMES[dtype.removeprefix("torch.")]
-    floats = {k: n for k, n in source_dtypes.items() if k.startswith(("float", "bfloat"))}
+    floats = {
+        k: n for k, n in source_dtypes.items() if k.startswith(("float", "bfloat")) or is_quantized_name(k)
+    }
     main = max(floats, key=floats.get) if floats else "float32"
-    return torch.bfloat16 if main.startswith("float8") else getattr(torch, main)
+    return torch.bfloat16 if main.startswith("float8") or is_quantized_name(main) else getattr(torch, main)
 
 
 @dataclass
@@ -584,7 +624,7 @@ def load_model(
     """Load any supported DiT checkpoint (path, folder or ``hf://`` reference) into CausalWanModel.
 
     The config comes from ``config``, else the file (metadata / config.json), else tensor shapes.
-    ``dtype`` None keeps the file's main float dtype (fp8 files load as bfloat16). LoRAs are
+    ``dtype`` None keeps the file's main float dtype (fp8 and quantised GGUF files load as bfloat16). LoRAs are
     merged as W' = W + strength * alpha / rank * up @ down. The model is built on ``meta`` and the
     converted tensors are assigned, so the weights exist once.
     """

@@ -14,6 +14,7 @@ import torch
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAUSVID_FOLDER = "causvid"
+GGUF_FOLDER = "causvid_gguf"  # .gguf files of models/diffusion_models (models/unet) and models/causvid
 EMBEDDED_MODELS = ("embedded:shapes",)
 PREVIEW_MAX = 512
 
@@ -26,6 +27,19 @@ def register_folders() -> None:
             [path],
             set(folder_paths.supported_pt_extensions),
         )
+    sync_gguf_folder()
+
+
+def sync_gguf_folder() -> None:
+    """List ``.gguf`` DiTs (ComfyUI-GGUF's Wan files) from the DiT folders under a key of our own, so the host's
+    own loaders, which cannot read GGUF, never offer them. Re-run on each refresh to follow added paths."""
+    dirs: list[str] = []
+    for folder in ("diffusion_models", CAUSVID_FOLDER):
+        try:
+            dirs += [d for d in folder_paths.get_folder_paths(folder) if d not in dirs]
+        except KeyError:
+            continue
+    folder_paths.folder_names_and_paths[GGUF_FOLDER] = (dirs, {".gguf"})
 
 
 def model_files(*folders: str) -> list[str]:
@@ -49,7 +63,7 @@ def full_path(name: str, *folders: str) -> str:
             path = None
         if path:
             return path
-    where = ", ".join(f"models/{f}" for f in folders)
+    where = ", ".join(f"models/{f}" for f in folders if f != GGUF_FOLDER)
     raise FileNotFoundError(
         f"model file '{name}' was not found in {where}: put it there and refresh the page"
     )

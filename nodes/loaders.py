@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from ..causvid_core.attention import ATTENTION_BACKENDS
 from ..causvid_core.bundle import load_bundle
-from .common import EMBEDDED_MODELS, LRU, device, file_key, full_path, model_files, register_folders
+from .common import (
+    EMBEDDED_MODELS,
+    GGUF_FOLDER,
+    LRU,
+    device,
+    file_key,
+    full_path,
+    model_files,
+    register_folders,
+    sync_gguf_folder,
+)
 
 register_folders()
 
@@ -21,7 +31,8 @@ def _precision(name: str, dev) -> str | None:
 class CausVidLoadModel:
     DESCRIPTION = (
         "Load a causal (CausVid) Wan2.1 transformer for streaming generation: the embedded Shapes model, a file "
-        "from models/diffusion_models or models/causvid (CausVid model.pt, Wan, ComfyUI fp16/bf16/fp8, diffusers), "
+        "from models/diffusion_models or models/causvid (CausVid model.pt, Wan, ComfyUI fp16/bf16/fp8, GGUF "
+        "Q8_0-Q2_K, diffusers), "
         "or a Hugging Face reference. Optional LoRA merged at a strength. Cached across queue runs."
     )
     CATEGORY = "CausVid/loaders"
@@ -31,7 +42,8 @@ class CausVidLoadModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        names = list(EMBEDDED_MODELS) + model_files("diffusion_models", "causvid")
+        sync_gguf_folder()
+        names = list(EMBEDDED_MODELS) + model_files("diffusion_models", "causvid", GGUF_FOLDER)
         return {
             "required": {
                 "model_name": (names, {"tooltip": "embedded:shapes runs on any CPU; others are Wan2.1 DiT files"}),
@@ -61,7 +73,7 @@ class CausVidLoadModel:
         elif model_name.startswith("embedded:"):
             source = model_name
         else:
-            source = full_path(model_name, "diffusion_models", "causvid")
+            source = full_path(model_name, "diffusion_models", "causvid", GGUF_FOLDER)
         lora = [(full_path(lora_name, "loras"), lora_strength)] if lora_name != "None" else None
         key = (file_key(source), precision, attention, chunk_frames, denoising_steps, str(lora), str(dev),
                speed.strip())  # fmt: skip

@@ -69,3 +69,37 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_gguf(
+    path: Path,
+    sd: dict[str, torch.Tensor],
+    qtype: int,
+    *,
+    prefix: str = "",
+    arch: str = "wan",
+    flatten_5d: bool = True,
+) -> dict[str, int]:
+    """A GGUF as ComfyUI-GGUF's convert.py writes one: 2-D weights quantised, small and 1-D tensors in F32,
+    the 5-D patch embedding flattened with its shape in ``comfy.gguf.orig_shape.NAME`` (or stored whole, as
+    its fix_5d_tensors.py does). Returns the type written per key. Needs the ``gguf`` package (test extra)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    types = {}
+    for key, value in sd.items():
+        data = value.float().numpy()
+        kind = T.F32
+        if data.ndim == 2 and data.shape[-1] % 32 == 0 and data.size > 1024:
+            kind = T(qtype)
+        elif data.ndim > 4 and flatten_5d:
+            writer.add_array(f"comfy.gguf.orig_shape.{prefix}{key}", [int(d) for d in data.shape])
+            data = data.reshape(-1, 64)
+        writer.add_tensor(prefix + key, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        types[key] = int(kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types

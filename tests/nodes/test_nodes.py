@@ -194,3 +194,34 @@ def test_missing_video_file_is_named(host, embedded) -> None:
         "seed": 0, "video_path": "nowhere.mp4", "max_frames": 0, "filename_prefix": "", "crf": 18}}  # fmt: skip
     result = host.execute(p)
     assert "video 'nowhere.mp4' was not found" in (result.error or "")
+
+
+def test_load_model_offers_and_loads_a_gguf_from_diffusion_models(host, tmp_path: Path) -> None:
+    """A ComfyUI-GGUF Wan file in models/diffusion_models (or models/unet) is listed by Load CausVid, not by
+    the host's own UNETLoader (which cannot read it), and loads as the same model."""
+    import folder_paths
+
+    import nodes as comfy_nodes
+    from causvid_core.config import DiTConfig
+    from causvid_core.model import CausalWanModel
+    from tests.helpers import write_gguf
+
+    gguf = pytest.importorskip("gguf")
+    small = DiTConfig(dim=256, ffn_dim=192, num_heads=2, num_layers=2, freq_dim=32, text_dim=32)
+    sd = {k: v.detach().clone() for k, v in CausalWanModel(small).state_dict().items()}
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    write_gguf(folder / "wan-small-Q8_0.gguf", sd, gguf.GGMLQuantizationType.Q8_0)
+    (folder / "readme.txt").write_text("not a model")
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    try:
+        names = host.object_info("CausVid_LoadModel")["input"]["required"]["model_name"][0]
+        assert "wan-small-Q8_0.gguf" in names and "readme.txt" not in names
+        host_names = comfy_nodes.NODE_CLASS_MAPPINGS["UNETLoader"].INPUT_TYPES()["required"]["unet_name"][0]
+        assert "wan-small-Q8_0.gguf" not in host_names
+        (bundle,) = host.node_classes["CausVid_LoadModel"]().load("wan-small-Q8_0.gguf", "fp32", "auto", 0, "")
+        # the node imports the package as a custom node, so its DiTConfig is another class: compare fields
+        assert bundle.report.layout == "gguf" and vars(bundle.model.config) == vars(small)
+        assert bundle.report.source_dtypes["Q8_0"] > 0
+    finally:
+        folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(folder))
