@@ -196,8 +196,14 @@ def load_bundle(
     chunk_frames: int | None = None,
     denoising_steps: tuple[int, ...] | str | None = None,
     lora: list[tuple[str | Path, float]] | None = None,
+    packed: bool | None = None,
 ) -> ModelBundle:
-    """Load a model (a file, folder, ``hf://`` reference or ``embedded:NAME``) with its streaming settings."""
+    """Load a model (a file, folder, ``hf://`` reference or ``embedded:NAME``) with its streaming settings.
+
+    ``packed``: keep a GGUF file's quantised block weights in their blocks (``load_model(packed=True)``: the
+    file's size in memory, unpacked per matmul). None: packed on a GPU, where memory is short and unpacking
+    is cheap; unpacked on a CPU, where unpacking every layer for every forward pass costs more than the
+    memory it saves (bench/gguf.py)."""
     from .checkpoint import load_model
 
     text_encoder = None
@@ -210,7 +216,9 @@ def load_bundle(
             dtype = torch.float32
     else:
         path = Path(source) if not name.startswith("hf://") else source
-    model, report = load_model(path, dtype=dtype, device=device, lora=lora)
+    if packed is None:
+        packed = torch.device(device).type != "cpu"
+    model, report = load_model(path, dtype=dtype, device=device, lora=lora, packed=packed)
     model.set_attention_backend(attention)
     metadata = file_metadata(Path(path)) if isinstance(path, Path) else {}
     sampling, causal, fps = _settings_from(metadata)

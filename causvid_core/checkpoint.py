@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import PRESETS, DiTConfig, dit_config_from_dict, to_dict
 from .gguf import MAGIC as GGUF_MAGIC
-from .gguf import GGUFError, QuantizedTensor, is_quantized_name, read_gguf
+from .gguf import GGUFError, PackedLinear, QuantizedTensor, is_quantized_name, read_gguf
 from .hub import resolve_source
 from .model import CausalWanModel
 
@@ -559,6 +559,7 @@ class LoadReport:
     ignored_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     loras: list[Any] = field(default_factory=list)  # LoraReport per merged LoRA
+    packed: dict[str, int] = field(default_factory=dict)  # GGUF type -> linear layers kept packed
 
     def summary(self) -> str:
         """A few human-readable lines (what ``inspect`` prints)."""
@@ -586,6 +587,12 @@ class LoadReport:
         if self.unexpected_keys:
             lines.append(
                 f"ignored:    {len(self.unexpected_keys)} unexpected keys: {_names(self.unexpected_keys)}"
+            )
+        if self.packed:
+            lines.append(
+                "packed:     "
+                + ", ".join(f"{n} {kind}" for kind, n in sorted(self.packed.items()))
+                + " linear layers keep the file's blocks in memory, unpacked for each matmul"
             )
         lines += ["lora:       " + lora.summary() for lora in self.loras]
         return "\n".join(lines)
@@ -620,13 +627,16 @@ def load_model(
     device: torch.device | str = "cpu",
     lora: list[tuple[str | Path, float]] | None = None,
     strict: bool = True,
+    packed: bool = False,
 ) -> tuple[CausalWanModel, LoadReport]:
     """Load any supported DiT checkpoint (path, folder or ``hf://`` reference) into CausalWanModel.
 
     The config comes from ``config``, else the file (metadata / config.json), else tensor shapes.
     ``dtype`` None keeps the file's main float dtype (fp8 and quantised GGUF files load as bfloat16). LoRAs are
     merged as W' = W + strength * alpha / rank * up @ down. The model is built on ``meta`` and the
-    converted tensors are assigned, so the weights exist once.
+    converted tensors are assigned, so the weights exist once. ``packed`` keeps a GGUF file's quantised
+    block linears (attention and FFN) in their blocks (``PackedLinear``: the file's size in memory, one
+    unpacking per matmul; inference only); a layer a LoRA changes is unpacked to merge it.
     """
     from .lora import merge_lora, read_lora
 
@@ -634,24 +644,68 @@ def load_model(
     cfg, how = _pick_config(raw, config)
     unexpected = check_state_dict(raw.state_dict, cfg, strict=strict)
     target = resolve_dtype(dtype, raw.source_dtypes)
-    sd: dict[str, Tensor] = {}
+    sd = _UnpackOnRead(target, device)
     for key in list(raw.state_dict):
+        value = raw.state_dict[key]
         if key in unexpected:
             raw.state_dict.pop(key)
+        elif (
+            packed
+            and isinstance(value, QuantizedTensor)
+            and is_quantized_name(value.type_name)
+            and _packable(key)
+        ):
+            sd[key] = raw.state_dict.pop(key)  # stays in its blocks unless a LoRA reads it
         else:
             sd[key] = raw.take(key, target, device)
     reports = [merge_lora(sd, read_lora(path), strength, name=str(path)) for path, strength in lora or []]
     with torch.device("meta"):
         model = CausalWanModel(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
+    kinds: Counter[str] = Counter()
+    for key, value in list(dict.items(sd)):
+        if isinstance(value, QuantizedTensor):
+            parent, name = key.removesuffix(".weight").rsplit(".", 1)
+            layer = PackedLinear(value, device, target)
+            setattr(model.get_submodule(parent), name, layer)
+            del sd[key]
+            sd[f"{parent}.{name}.packed"] = layer.packed
+            kinds[value.type_name] += 1
+    model.load_state_dict(dict(sd), strict=True, assign=True)
     model.eval().requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(m.weight_numel for m in model.modules() if isinstance(m, PackedLinear))
     report = LoadReport(
         source=str(source), layout=raw.layout, config=cfg, config_source=how, dtype=target,
-        device=str(device), num_params=sum(p.numel() for p in model.parameters()),
-        source_dtypes=raw.source_dtypes, ignored_keys=raw.ignored_keys,
-        unexpected_keys=unexpected, loras=reports,
+        device=str(device), num_params=n, source_dtypes=raw.source_dtypes, ignored_keys=raw.ignored_keys,
+        unexpected_keys=unexpected, loras=reports, packed=dict(kinds),
     )  # fmt: skip
     return model, report
+
+
+_PACKABLE_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                    "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
+
+
+def _packable(key: str) -> bool:
+    """A transformer block's attention or FFN weight (the bulk of the parameters)."""
+    parts = key.split(".")
+    return parts[0] == "blocks" and parts[-1] == "weight" and ".".join(parts[2:-1]) in _PACKABLE_LAYERS
+
+
+class _UnpackOnRead(dict):
+    """A state dict whose packed GGUF entries unpack (to the load dtype and device) when read, as a LoRA
+    merge reads the weights it changes; iterating and ``dict.items`` leave them packed."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.dtype, self.device = dtype, device
+
+    def __getitem__(self, key: str) -> Tensor:
+        value = super().__getitem__(key)
+        if isinstance(value, QuantizedTensor):
+            value = _dequantised(value, None, self.dtype, self.device)
+            self[key] = value
+        return value
 
 
 def save_model(model: CausalWanModel, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:

@@ -171,8 +171,8 @@ class SelfAttention(_Projections):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections q, k, v [B, L, dim]; fused: one matmul against the concatenated weights."""
-        fp8 = isinstance(self.q, FP8Linear)
-        if not self.fused_qkv or fp8 or torch.is_grad_enabled():  # fused: an inference snapshot
+        plain = all(type(layer) is nn.Linear for layer in (self.q, self.k, self.v))  # not fp8 / GGUF-packed
+        if not self.fused_qkv or not plain or torch.is_grad_enabled():  # fused: an inference snapshot
             return _linear(self.q, x), _linear(self.k, x), _linear(self.v, x)
         params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
         stamp = tuple((id(t), _version(t), t.dtype, t.device) for t in params)
@@ -356,9 +356,11 @@ class CausalWanModel(nn.Module):
         for block in self.blocks:
             for parent in (block.self_attn, block.cross_attn):
                 for name in ("q", "k", "v", "o"):
-                    setattr(parent, name, FP8Linear(getattr(parent, name), compute_dtype))
-            block.ffn[0] = FP8Linear(block.ffn[0], compute_dtype)
-            block.ffn[2] = FP8Linear(block.ffn[2], compute_dtype)
+                    if type(getattr(parent, name)) is nn.Linear:  # GGUF-packed layers are smaller already
+                        setattr(parent, name, FP8Linear(getattr(parent, name), compute_dtype))
+            for i in (0, 2):
+                if type(block.ffn[i]) is nn.Linear:
+                    block.ffn[i] = FP8Linear(block.ffn[i], compute_dtype)
 
     # -- text ------------------------------------------------------------------------------
     def encode_context(self, context: Tensor) -> CrossKV:

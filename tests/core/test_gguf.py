@@ -134,3 +134,66 @@ def test_bad_gguf_files_are_named_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "text.gguf").write_text("hello")
     with pytest.raises(CheckpointError, match="text.gguf is not a GGUF file"):
         load_model(tmp_path / "text.gguf")
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
+
+
+def test_packed_layers_give_the_unpacked_models_output_in_the_files_size(tmp_path: Path) -> None:
+    """For inference (load_bundle, the nodes) a GGUF's quantised attention / FFN weights stay in their
+    blocks: the same output as the unpacked model, bit for bit, in about a quarter of float32's memory
+    (Q8_0: 34 bytes per 32 weights); a LoRA unpacks only the layers it changes; fused QKV is left off
+    for them (the same output again)."""
+    from causvid_core.gguf import PackedLinear
+    from causvid_core.lora import read_lora
+
+    source = _source()
+    sd = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    path = tmp_path / "m.gguf"
+    types = write_gguf(path, sd, T.Q8_0)
+    plain, plain_report = load_model(path, dtype=torch.float32)
+    model, report = load_model(path, dtype=torch.float32, packed=True)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 20 and report.packed == {"Q8_0": 20}  # 2 blocks x (4 + 4 attention + 2 FFN)
+    assert not plain_report.packed and not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert report.num_params == plain_report.num_params
+    assert "packed:     20 Q8_0 linear layers" in report.summary()
+    quantised = sum(sd[k].numel() for k, t in types.items() if t == T.Q8_0 and k.startswith("blocks."))
+    assert sum(m.packed.numel() for m in layers) == quantised // 32 * 34  # the file's bytes, nothing more
+    assert _weight_bytes(plain) - _weight_bytes(model) == quantised * 4 - quantised // 32 * 34
+
+    x = torch.randn(1, SMALL.in_dim, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    ctx = torch.randn(1, 8, SMALL.text_dim, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        expected = plain(x, t, ctx)
+        torch.testing.assert_close(model(x, t, ctx), expected, rtol=0, atol=0)
+        model.set_speed("ring,fused_qkv")
+        torch.testing.assert_close(model(x, t, ctx), expected, rtol=0, atol=0)
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(9)
+    lora_file = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.1.self_attn.q.lora_down.weight": torch.randn(4, 256, generator=gen),
+               "diffusion_model.blocks.1.self_attn.q.lora_up.weight": torch.randn(256, 4, generator=gen) * 0.01},
+              str(lora_file))  # fmt: skip
+    assert len(read_lora(lora_file)) == 2
+    with_lora, lora_report = load_model(path, dtype=torch.float32, packed=True, lora=[(lora_file, 0.8)])
+    plain_lora, _ = load_model(path, dtype=torch.float32, lora=[(lora_file, 0.8)])
+    assert type(with_lora.blocks[1].self_attn.q) is torch.nn.Linear and lora_report.packed == {"Q8_0": 19}
+    with torch.no_grad():
+        torch.testing.assert_close(with_lora(x, t, ctx), plain_lora(x, t, ctx), rtol=0, atol=0)
+        assert not torch.equal(plain_lora(x, t, ctx), expected)
+
+
+def test_load_bundle_packs_on_a_gpu_and_unpacks_on_a_cpu_unless_told(tmp_path: Path) -> None:
+    from causvid_core.bundle import load_bundle
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {k: v.detach().clone() for k, v in _source().state_dict().items()}, T.Q4_0)
+    assert load_bundle(path, dtype="float32").report.packed == {}  # CPU: speed over memory
+    assert load_bundle(path, dtype="float32", packed=True).report.packed == {"Q4_0": 20}
+    if torch.cuda.is_available():
+        assert load_bundle(path, dtype="bfloat16", device="cuda").report.packed == {"Q4_0": 20}

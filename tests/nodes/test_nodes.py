@@ -222,6 +222,6 @@ def test_load_model_offers_and_loads_a_gguf_from_diffusion_models(host, tmp_path
         (bundle,) = host.node_classes["CausVid_LoadModel"]().load("wan-small-Q8_0.gguf", "fp32", "auto", 0, "")
         # the node imports the package as a custom node, so its DiTConfig is another class: compare fields
         assert bundle.report.layout == "gguf" and vars(bundle.model.config) == vars(small)
-        assert bundle.report.source_dtypes["Q8_0"] > 0
+        assert bundle.report.source_dtypes["Q8_0"] > 0 and bundle.report.packed == {}  # a CPU unpacks
     finally:
         folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(folder))
