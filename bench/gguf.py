@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -54,6 +55,22 @@ def _write(path: Path, model: CausalWanModel, kind: Any) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _machine() -> str:
+    """CPU model and core count (``/proc/cpuinfo`` where there is one)."""
+    name = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        name = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in info.read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            name,
+        )
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def _bytes(model: torch.nn.Module) -> int:
@@ -154,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row))
     result = {
-        "date": str(date.today()), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": str(date.today()), "machine": _machine(),
         "torch": torch.__version__, "device": args.device, "dtype": args.dtype, "layers": cfg.num_layers,
         "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "tokens": 3 * (args.height // 16) * (args.width // 16),
         "rows": rows, "unpack_gbps": _unpack_gbps(args.device, 4096 if args.quick else 65536),

@@ -197,3 +197,18 @@ def test_load_bundle_packs_on_a_gpu_and_unpacks_on_a_cpu_unless_told(tmp_path: P
     assert load_bundle(path, dtype="float32", packed=True).report.packed == {"Q4_0": 20}
     if torch.cuda.is_available():
         assert load_bundle(path, dtype="bfloat16", device="cuda").report.packed == {"Q4_0": 20}
+
+
+def test_the_gguf_benchmark_reports_size_speed_and_equality(tmp_path: Path) -> None:
+    """``python -m bench.gguf --quick``: the figures bench/RESULTS.md quotes are in its JSON, the packed
+    model is smaller than the unpacked one and gives the same output."""
+    import json
+
+    from bench.gguf import main as bench_main
+
+    assert bench_main(["--quick", "--types", "Q8_0", "--repeats", "1", "--json", str(tmp_path / "g.json")]) == 0
+    result = json.loads((tmp_path / "g.json").read_text())
+    (row,) = result["rows"]
+    assert row["type"] == "Q8_0" and row["max_abs_diff"] == 0.0
+    assert row["packed_weights_mb"] < row["unpacked_weights_mb"] and row["forward_ratio"] > 0
+    assert set(result["unpack_gbps"]) == set(_DEQUANT) and "cores" in result["machine"]
