@@ -247,7 +247,9 @@ def _device(name: str | None) -> torch.device:
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        raise ValueError(
+            f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu"
+        )
     return dev
 
 
@@ -273,6 +275,7 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
                 "(a Wan model) or the text.safetensors of the embedded model it was trained with (Shapes)"
             )
         encoder = _load_text_encoder(settings["text_encoder"], settings.get("tokenizer"), dev)
+
     def given(key: str, default):  # 0 is a value (and an error below), not "unset"
         return default if settings.get(key) is None else settings[key]
 
@@ -313,6 +316,27 @@ def job_from_sidecar(path: str | Path, device: str | None = "auto") -> RenderJob
     return build_job(settings, out, device=device)
 
 
+def memory_line(job: RenderJob) -> str:
+    """What the render will hold in memory, said before it starts: the weights and the KV cache (which must
+    fit in the device's free memory: ``CacheTooLargeError`` otherwise, before any file is written)."""
+    from .gguf import PackedLinear
+    from .kv_cache import KVCache, format_bytes
+
+    model = job.model
+    weight = next(model.parameters())
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    packed = sum(isinstance(m, PackedLinear) for m in model.modules())
+    h, w = job.request.latent_size
+    args = (model.config, job.causal, 1, h, w, weight.dtype, getattr(model, "cache_layout", "compact"))
+    KVCache.check_fits(*args, device=weight.device)
+    cache = KVCache.describe(*args)
+    return (
+        f"memory: weights {format_bytes(held)} on {weight.device}"
+        + (f" ({packed} GGUF layers packed)" if packed else "")
+        + f"; {cache}"
+    )
+
+
 def _render(args: argparse.Namespace, generate: bool = False) -> int:
     from .pipeline import num_chunks
     from .resume import render_to_file
@@ -330,6 +354,7 @@ def _render(args: argparse.Namespace, generate: bool = False) -> int:
                              "or choose another --out")  # fmt: skip
         job = build_job(_render_settings(args), Path(args.out or "."), device=args.device)
     load_s = time.perf_counter() - t_load
+    print(memory_line(job))
     context = 0 if job.context_latents is None else job.context_latents.shape[2]
     bar = _ProgressBar(num_chunks(job.request, job.causal, context), quiet=args.quiet)
     first: list[float] = []

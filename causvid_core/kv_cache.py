@@ -27,7 +27,7 @@ Memory layout (``layout``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -43,6 +43,26 @@ LAYOUTS = ("compact", "ring")
 class _Chunk:
     start_frame: int  # absolute latent-frame index of its first frame
     num_frames: int
+
+
+class CacheTooLargeError(ValueError):
+    """The KV cache would not fit in the device's free memory; the message gives its size and the fixes."""
+
+
+def format_bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def free_bytes(device: torch.device | str) -> int | None:
+    """Memory a new tensor can take on a CUDA device (the driver's free memory plus what torch holds unused);
+    None where it cannot be told (a CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @dataclass
@@ -87,8 +107,13 @@ class KVCache:
         cap = cls.buffer_frames(causal, layout) * tpf
         spare = cap - cls.capacity_frames(causal) * tpf
         shape = (batch, cap, dit.num_heads, dit.head_dim)
-        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
-        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
+        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
+        cls.check_fits(*args, device=device)
+        try:
+            keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
+            values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
+        except torch.OutOfMemoryError:
+            raise CacheTooLargeError(cls._too_large(args, free_bytes(device) or 0, device)) from None
         return cls(
             keys, values, tpf, causal.sink_chunks, causal.window_chunks, causal.rope_mode,
             layout=layout, spare_tokens=spare,
@@ -104,6 +129,61 @@ class KVCache:
         """Frames the buffers hold: the stored chunks, plus one chunk of room for ``"ring"``."""
         extra = max(causal.chunk_frames, causal.first_chunk_frames or 0) if layout == "ring" else 0
         return KVCache.capacity_frames(causal) + extra
+
+    @classmethod
+    def describe(
+        cls,
+        dit: DiTConfig,
+        causal: CausalConfig,
+        batch: int,
+        latent_height: int,
+        latent_width: int,
+        dtype: torch.dtype = torch.bfloat16,
+        layout: CacheLayout = "compact",
+    ) -> str:
+        """One line saying what the cache will hold and its size, for before a render starts."""
+        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
+        largest = max(causal.chunk_frames, causal.first_chunk_frames or 0)
+        return (
+            f"KV cache {format_bytes(cls.estimate_bytes(*args))}: {causal.sink_chunks} sink + "
+            f"{causal.window_chunks} window chunks of {largest} latent frames"
+            + (" + 1 spare (ring)" if layout == "ring" else "")
+            + f" at {latent_height}x{latent_width} latents, {dit.num_layers} layers"
+            + (f", batch {batch}" if batch > 1 else "")
+            + f", {str(dtype).removeprefix('torch.')}"
+        )
+
+    @classmethod
+    def check_fits(
+        cls,
+        dit: DiTConfig,
+        causal: CausalConfig,
+        batch: int,
+        latent_height: int,
+        latent_width: int,
+        dtype: torch.dtype = torch.bfloat16,
+        layout: CacheLayout = "compact",
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Raise ``CacheTooLargeError`` (its size, the cost of one window chunk, the fixes) when the cache would not
+        fit in the device's free memory; a render calls it before it writes anything. A no-op where the free
+        memory cannot be told (CPU)."""
+        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
+        free = free_bytes(device)
+        if free is not None and cls.estimate_bytes(*args) > free:
+            raise CacheTooLargeError(cls._too_large(args, free, device))
+
+    @classmethod
+    def _too_large(cls, args: tuple, free: int, device: torch.device | str) -> str:
+        dit, causal, batch, h, w, dtype, layout = args
+        one = replace(causal, sink_chunks=0, window_chunks=1)
+        per_chunk = cls.estimate_bytes(dit, one, batch, h, w, dtype, "compact")
+        return (
+            f"{cls.describe(*args)}, but {format_bytes(free)} of {device} is free. Lower the window "
+            f"(each window chunk holds {format_bytes(per_chunk)}; the sink stays), the size or the batch, "
+            "or free GPU memory (a GGUF or the fp8 speed option makes the weights smaller)"
+        )
 
     @staticmethod
     def estimate_bytes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -17,6 +18,7 @@ CAUSVID_FOLDER = "causvid"
 GGUF_FOLDER = "causvid_gguf"  # .gguf files of models/diffusion_models (models/unet) and models/causvid
 EMBEDDED_MODELS = ("embedded:shapes",)
 PREVIEW_MAX = 512
+LOG = logging.getLogger("causvid")
 
 
 def register_folders() -> None:
@@ -67,6 +69,20 @@ def full_path(name: str, *folders: str) -> str:
     raise FileNotFoundError(
         f"model file '{name}' was not found in {where}: put it there and refresh the page"
     )
+
+
+def make_room(model: torch.nn.Module, causal: Any, width: int, height: int, batch: int = 1) -> None:
+    """Log what the KV cache will hold, and on a GPU ask the host to unload its other models until the cache
+    fits; stop with its size and the fixes (before any file) when it still does not."""
+    from ..causvid_core.kv_cache import KVCache
+
+    weight = next(model.parameters())
+    layout = getattr(model, "cache_layout", "compact")
+    args = (model.config, causal, batch, height // 8, width // 8, weight.dtype, layout)
+    LOG.info("CausVid: %s", KVCache.describe(*args))
+    if weight.device.type == "cuda":
+        mm.free_memory(int(KVCache.estimate_bytes(*args) * 1.1) + 2**28, weight.device)
+    KVCache.check_fits(*args, device=weight.device)
 
 
 def device() -> torch.device:

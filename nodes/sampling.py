@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..causvid_core.pipeline import RenderRequest, num_chunks, render, seconds_to_frames
-from .common import Progress, latent_preview
+from .common import Progress, latent_preview, make_room
 
 LENGTH_UNITS = ("frames", "seconds")
 ROPE_MODES = ("model", "absolute", "window")  # "model": the loaded model's own setting
@@ -85,6 +85,7 @@ class CausVidSampler:
     def sample(self, model, prompts, image_seed=None, context=None, **settings):
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
+        make_room(model.model, causal, request.width, request.height)
         progress = Progress(num_chunks(request, causal, 0 if ctx is None else ctx.shape[2]))
         state = render(
             model.model, timeline, request, sampling=model.sampling, causal=causal, context_latents=ctx,

@@ -14,7 +14,17 @@ from ..causvid_core.pipeline import PromptTimeline, RenderState, num_chunks, res
 from ..causvid_core.resume import RenderJob, render_to_file, resolve_resume
 from ..causvid_core.vae import load_wan_vae
 from ..causvid_core.video_io import VideoWriter, image_to_vae, read_video_chunks, vae_to_image
-from .common import EMBEDDED_MODELS, LRU, Progress, device, file_key, full_path, model_files, preview_image
+from .common import (
+    EMBEDDED_MODELS,
+    LRU,
+    Progress,
+    device,
+    file_key,
+    full_path,
+    make_room,
+    model_files,
+    preview_image,
+)
 from .sampling import context_latents, plan, stream_inputs
 
 LOG = logging.getLogger("causvid")
@@ -192,6 +202,7 @@ class CausVidRenderVideo:
                resume="", **settings):  # fmt: skip
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
+        make_room(model.model, causal, request.width, request.height)
         if resume.strip():
             path, filename, subfolder = _resume_target(resume)
         else:
@@ -266,6 +277,7 @@ class CausVidStreamV2V:
             prompts.entries, prompts.conditioning, prompts.unit, fps=model.fps, causal=model.causal
         )
         path = _output_path(filename_prefix, width, height)[0] if filename_prefix else ""
+        make_room(model.model, model.causal, width, height)
         frames: list[torch.Tensor] = []
         progress = Progress(0)
 

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from causvid_core.bundle import embedded_file, load_bundle
+from causvid_core.checkpoint import load_model
 from causvid_core.cli import main
+from causvid_core.kv_cache import KVCache, format_bytes
 from causvid_core.resume import load_sidecar, sidecar_path
 from causvid_core.video_io import VideoWriter, probe_video, psnr, read_video
 from tests.helpers import make_embedded
@@ -68,6 +72,26 @@ def test_generate_writes_every_frame_and_prints_its_speed(env, tmp_path: Path, c
     assert re.search(r"frames per second: \d+\.\d", printed.out)
     assert re.search(r"3/3 chunks +\d+\.\d fps +eta +0 s", printed.err)  # 9 latent frames = 3 chunks
     assert not sidecar_path(out).exists()
+    # before it starts, the render says what it will hold: the model's weights and its KV cache
+    model, _ = load_model(embedded_file("shapes", "dit"), dtype="float32")
+    cache = KVCache.estimate_bytes(model.config, load_bundle("embedded:shapes").causal, 1, 8, 8, torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert f"memory: weights {format_bytes(weights)} on cpu; KV cache {format_bytes(cache)}: " in printed.out
+
+
+def test_a_kv_cache_larger_than_the_free_memory_stops_before_any_file(env, tmp_path, capsys, monkeypatch) -> None:
+    """Where the device can tell its free memory (CUDA), a cache that would not fit stops the render with its
+    size, the per-chunk cost of the window and the fixes, before a file is written (faked here on the CPU)."""
+    import causvid_core.kv_cache as kv
+
+    monkeypatch.setattr(kv, "free_bytes", lambda device: 10_000)  # the tiny model's cache is 36 KB
+    out = tmp_path / "sub" / "out.mp4"
+    assert main(render_args(out)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: KV cache 36.0 KB: 1 sink \+ 2 window chunks of 3 latent frames at 4x4 latents, "
+                     r"2 layers, float32, but 9.8 KB of cpu is free\. Lower the window \(each window chunk holds "
+                     r"12.0 KB; the sink stays\)", err), err  # fmt: skip
+    assert not (tmp_path / "sub").exists()
 
 
 def test_the_readme_command_writes_where_it_is_run(env, tmp_path: Path) -> None:

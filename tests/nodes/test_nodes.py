@@ -59,9 +59,12 @@ def test_every_node_registers_with_descriptions(host) -> None:
         assert node_id in comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
 
 
-def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded) -> None:
-    result = host.execute(render_prompt())
+def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="causvid"):
+        result = host.execute(render_prompt())
     assert result.success, result.error
+    # before it starts, the node logs what the KV cache will hold (the test model: sink 1 + window 2)
+    assert "CausVid: KV cache 36.0 KB: 1 sink + 2 window chunks of 3 latent frames at 4x4 latents" in caplog.text
     path = Path(result.value("4", 1))
     info = probe_video(path)
     assert info.frames == 33 and (info.width, info.height) == (32, 32)
