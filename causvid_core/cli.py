@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .bundle import EMBEDDED_PREFIX, embedded_file, embedded_names, file_metadata, load_bundle, vae_file
@@ -96,6 +97,19 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
     add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
     add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--image",
+        metavar="FILE",
+        help="image-to-video: the video starts from this picture (PNG, JPEG, or a video's first frame), "
+        "resized to cover the size and centre-cropped",
+    )
+    start.add_argument(
+        "--extend",
+        metavar="VIDEO",
+        help="continue this video: its last frames (as many as the model's KV cache holds) open the new "
+        "file, re-decoded, and the continuation follows; --seconds / --frames count the new part",
+    )
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="one prompt for the whole video")
     prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
@@ -177,7 +191,7 @@ def _render_settings(args: argparse.Namespace) -> dict:
         "seconds": args.seconds, "frames": args.frames, "seed": args.seed, "width": args.width,
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
-        "speed": args.speed,
+        "speed": args.speed, "image": _absolute(args.image), "extend": _absolute(args.extend),
     }  # fmt: skip
 
 
@@ -287,9 +301,17 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
     frames = given("frames", None)
     if frames is None:
         frames = seconds_to_frames(settings["seconds"], fps)
+    start = _start_frames(settings, width, height, fps, bundle.causal)
+    if start is not None and settings.get("extend"):
+        frames += len(start)  # the new part's length comes after the frames it continues
     request = RenderRequest(width, height, frames, seed=settings.get("seed", 0), fps=fps,
                             blend_chunks=settings.get("blend_chunks", 0),
                             recache_on_switch=settings.get("recache", True))  # fmt: skip
+    context = None
+    if start is not None:
+        video = torch.from_numpy(start).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, T, H, W]
+        with torch.no_grad():
+            context = vae.encode(video.to(dev))
 
     def encode(prompt: str) -> torch.Tensor:
         return encoder.encode([prompt]).to(dev)
@@ -302,7 +324,37 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
         timeline = PromptTimeline.single(encode(settings["prompt"]))
     causal = dataclasses.replace(bundle.causal)
     return RenderJob(bundle.model, vae, timeline, request, Path(out), sampling=bundle.sampling, causal=causal,
-                     settings=settings, crf=settings.get("crf", 18))  # fmt: skip
+                     settings=settings, crf=settings.get("crf", 18), context_latents=context)  # fmt: skip
+
+
+def _start_frames(settings: dict, width: int, height: int, fps: int, causal) -> np.ndarray | None:
+    """The frames a render starts from (uint8 [T, H, W, 3] at the render's size), or None: the --image's
+    picture, or the last 1 + 4k frames of the --extend video (resampled to the render's fps) that the KV
+    cache can hold."""
+    from collections import deque
+
+    from .kv_cache import KVCache
+    from .video_io import fit_frames, read_video_chunks
+
+    option = "--image" if settings.get("image") else "--extend" if settings.get("extend") else None
+    if option is None:
+        return None
+    path = Path(settings["image"] or settings["extend"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} file {path} not found")
+    if option == "--image":
+        first = next(read_video_chunks(path, 1, max_frames=1), None)
+        if first is None:
+            raise ValueError(f"{option} {path} holds no picture")
+        return fit_frames(first, width, height)
+    keep = 1 + 4 * (KVCache.capacity_frames(causal) - 1)  # the latent frames the cache holds, in video frames
+    tail: deque[np.ndarray] = deque(maxlen=keep)
+    for chunk in read_video_chunks(path, 16, fps=fps):
+        tail.extend(chunk)
+    if not tail:
+        raise ValueError(f"{option} {path} holds no frames")
+    count = (len(tail) - 1) // 4 * 4 + 1  # whole latent frames: 1 + 4k video frames
+    return fit_frames(np.stack(list(tail)[-count:]), width, height)
 
 
 def job_from_sidecar(path: str | Path, device: str | None = "auto") -> RenderJob:

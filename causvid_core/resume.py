@@ -117,8 +117,6 @@ def checks_of(job: RenderJob) -> dict[str, Any]:
     digest = hashlib.sha256()
     for k in sorted(job.timeline.changes):
         digest.update(str(k).encode() + job.timeline.changes[k].detach().float().cpu().numpy().tobytes())
-    if job.context_latents is not None:
-        digest.update(b"context" + job.context_latents.detach().float().cpu().numpy().tobytes())
     r = job.request
     checks = {
         "width": r.width, "height": r.height, "frames": r.num_frames, "fps": r.fps, "seed": r.seed,
@@ -126,6 +124,9 @@ def checks_of(job: RenderJob) -> dict[str, Any]:
         "sampling": to_dict(job.sampling), "causal": to_dict(job.causal), "prompts": digest.hexdigest()[:16],
         "model": str(job.settings.get("model", "")),
     }  # fmt: skip
+    if job.context_latents is not None:  # the image seed / video continued: its own entry, named when it differs
+        latents = job.context_latents.detach().float().cpu().numpy()
+        checks["context"] = hashlib.sha256(latents.tobytes()).hexdigest()[:16]
     return json.loads(json.dumps(checks))  # tuples -> lists, as read back from the sidecar
 
 

@@ -320,6 +320,20 @@ def read_video(path: str | Path, **kwargs) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+def fit_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames resized to cover ``width`` x ``height`` (aspect kept), then centre-cropped."""
+    t, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    scale = max(width / w, height / h)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def psnr(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two uint8 frame stacks: 10 log10(255^2 / MSE)."""
     mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))

@@ -290,3 +290,99 @@ def test_a_render_started_with_relative_paths_resumes_from_any_folder(env, embed
     monkeypatch.chdir(tmp_path)
     assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
     assert probe_video(out).frames == 33 and not sidecar_path(out).exists()
+
+
+def _vae_round_trip(frames: np.ndarray) -> np.ndarray:
+    """What the test model's VAE makes of uint8 [T, H, W, 3] frames: encoded, then decoded."""
+    from causvid_core.vae import load_wan_vae
+
+    vae = load_wan_vae(embedded_file("shapes", "vae"))
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video))[0]
+    return ((out.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def test_image_to_video_starts_from_the_picture_and_resumes(env, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--image: the video's first frame is the picture (cover-resized and centre-cropped to 32x32, through the
+    VAE); the length counts it. A render stopped by a full disk resumes to the frames of one that was not."""
+    from PIL import Image
+
+    from causvid_core.video_io import fit_frames
+
+    rng = np.random.default_rng(0)
+    picture = (rng.random((24, 48, 3)) * 255).astype(np.uint8)  # 2:1, so the sides are cropped
+    Image.fromarray(picture).save(tmp_path / "first.png")
+    straight = tmp_path / "straight.mp4"
+    assert main(render_args(straight, "--quiet", "--image", str(tmp_path / "first.png"))) == 0
+    video = read_video(straight)
+    assert video.shape == (33, 32, 32, 3)
+    expected = _vae_round_trip(fit_frames(picture[None], 32, 32))[0]
+    assert psnr(video[0], expected) > 30 and psnr(video[0], video[5]) < psnr(video[0], expected) - 5
+
+    class FullDisk(VideoWriter):
+        def write(self, frames):
+            if self.frames_written >= 21:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(frames)
+
+    stopped = tmp_path / "stopped.mp4"
+    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
+    assert main(render_args(stopped, "--quiet", "--image", str(tmp_path / "first.png"))) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    Image.fromarray(picture[::-1].copy()).save(tmp_path / "first.png")  # another picture under the same name
+    capsys.readouterr()
+    assert main(["render", "--resume", str(stopped), "--device", "cpu", "--quiet"]) == 2
+    assert re.search(r"stopped.mp4 was started with other settings \(context '\w+' -> '\w+'\)", capsys.readouterr().err)
+    Image.fromarray(picture).save(tmp_path / "first.png")
+    assert main(["render", "--resume", str(stopped), "--device", "cpu", "--quiet"]) == 0
+    assert psnr(read_video(stopped), video) > 40
+
+
+def test_extend_continues_a_video_from_its_last_frames(env, tmp_path: Path, capsys) -> None:
+    """--extend: the new file opens with the source's last frames that the KV cache holds (the test model:
+    sink 1 + window 2 chunks of 3 latent frames = 9 latent frames = 33 video frames), re-decoded, and goes on
+    for --frames more."""
+    source = tmp_path / "source.mp4"
+    assert main(render_args(source, "--quiet", "--seed", "5", frames=45)) == 0
+    out = tmp_path / "longer.mp4"
+    assert main(render_args(out, "--extend", str(source), frames=24)) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "57 frames" in printed  # 33 continued + 24 new
+    video, src = read_video(out), read_video(source)
+    assert video.shape[0] == 57
+    # the context is the source's tail, encoded: exactly what the job holds, and what opens the file
+    from causvid_core.cli import _render_settings, build_job, build_parser
+    from causvid_core.vae import load_wan_vae
+
+    args = build_parser().parse_args(render_args(tmp_path / "again.mp4", "--extend", str(source), frames=24))
+    job = build_job(_render_settings(args), tmp_path / "again.mp4", device="cpu")
+    vae = load_wan_vae(embedded_file("shapes", "vae"))
+
+    def encoded(frames: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return vae.encode(torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+
+    assert torch.equal(job.context_latents, encoded(src[-33:]))
+    assert not torch.allclose(job.context_latents, encoded(src[:33]), atol=1e-3)
+    with VideoWriter(tmp_path / "round_trip.mp4", fps=16, crf=18) as writer:  # the same H.264 coding
+        writer.write(_vae_round_trip(src[-33:]))
+    assert psnr(video[:33], read_video(tmp_path / "round_trip.mp4")) > 28
+
+
+@pytest.mark.parametrize(
+    ("option", "file", "message"),
+    [
+        ("--image", "missing.png", r"--image file .*missing\.png not found"),
+        ("--extend", "missing.mp4", r"--extend file .*missing\.mp4 not found"),
+        ("--image", "notes.png", r"cannot decode notes\.png"),
+    ],
+)  # fmt: skip
+def test_bad_start_files_exit_2_before_any_output(env, tmp_path, capsys, option, file, message) -> None:
+    (tmp_path / "notes.png").write_text("not a picture")
+    out = tmp_path / "sub" / "out.mp4"
+    assert main(render_args(out, option, str(tmp_path / file))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "sub").exists()
