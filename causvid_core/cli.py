@@ -132,6 +132,15 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
     add("--no-recache", action="store_true", help="keep the cached window as it was at a prompt change")
     add("--crf", type=int, default=18, help="H.264 quality: lower is better")
+    add(
+        "--colour-anchor",
+        "--color-anchor",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="0..1: hold each chunk's colours and contrast to the start's (after a prompt change, the new "
+        "prompt's); the written frames only. Default 0 (off); the drift is reported either way",
+    )
     add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
     add(
@@ -192,6 +201,7 @@ def _render_settings(args: argparse.Namespace) -> dict:
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
         "speed": args.speed, "image": _absolute(args.image), "extend": _absolute(args.extend),
+        "colour_anchor": args.colour_anchor,
     }  # fmt: skip
 
 
@@ -324,7 +334,8 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
         timeline = PromptTimeline.single(encode(settings["prompt"]))
     causal = dataclasses.replace(bundle.causal)
     return RenderJob(bundle.model, vae, timeline, request, Path(out), sampling=bundle.sampling, causal=causal,
-                     settings=settings, crf=settings.get("crf", 18), context_latents=context)  # fmt: skip
+                     settings=settings, crf=settings.get("crf", 18), context_latents=context,
+                     colour_anchor=settings.get("colour_anchor") or 0.0)  # fmt: skip
 
 
 def _start_frames(settings: dict, width: int, height: int, fps: int, causal) -> np.ndarray | None:
@@ -427,6 +438,7 @@ def _render(args: argparse.Namespace, generate: bool = False) -> int:
     elapsed = time.perf_counter() - bar.start
     print(f"wrote {job.out}: {state.frames_written} frames ({state.frames_written / job.request.fps:.1f} s at "
           f"{job.request.fps} fps) in {elapsed:.1f} s; model loaded in {load_s:.1f} s")  # fmt: skip
+    print(state.colours.report())
     if generate and first:
         print(f"time to first frame: {first[0]:.2f} s (first chunk generated, decoded and written)")
         print(f"frames per second: {bar.frames / elapsed:.1f} (whole run, decoding and writing included)")

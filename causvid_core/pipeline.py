@@ -177,6 +177,7 @@ class RenderState:
     chunks_done: int = 0
     frames_written: int = 0
     latents: list[Tensor] = field(default_factory=list)
+    colours: Any = None  # drift.ColourTracker of a render to a file: each chunk's colour drift
 
 
 def stream_chunks(
@@ -294,6 +295,7 @@ def render(
     state: RenderState | None = None,
     on_step: Callable[[int, int, Tensor], None] | None = None,
     resume: ResumePoint | None = None,
+    frame_filter: Callable[[int, Tensor], Tensor] | None = None,
 ) -> RenderState:
     """Generate, decode and write chunk by chunk; returns what was produced.
 
@@ -302,7 +304,9 @@ def render(
     host's interrupt), everything finished before stays written and in ``state``; the exception
     propagates. A chunk with NaN/Inf latents stops the render before it is decoded or written
     (``NonFiniteLatentsError`` names it). With ``resume``, the chunks before ``resume.chunks_done``
-    are restored, not generated or written again (``state`` should carry their counts).
+    are restored, not generated or written again (``state`` should carry their counts). ``frame_filter``
+    (chunk index, frames) -> frames sees each chunk's decoded frames (the context's as chunk -1) before they
+    are written and passed on (``drift.ColourTracker``).
     """
     causal = causal or CausalConfig()
     state = state if state is not None else RenderState()
@@ -310,7 +314,8 @@ def render(
     check_length(request, causal, context_frames)
     total = num_chunks(request, causal, context_frames)
     if context_latents is not None and decoder is not None and resume is None:
-        _emit_frames(decoder.decode(context_latents), request, writer, state)
+        frames = decoder.decode(context_latents)
+        _emit_frames(frame_filter(-1, frames) if frame_filter else frames, request, writer, state)
     chunks = _chunks(model, timeline, request, sampling, causal, context_latents, on_step, resume)
     for index, start, latents, gen in chunks:
         if not torch.isfinite(latents).all():
@@ -321,6 +326,8 @@ def render(
             )
         frames = decoder.decode(latents) if decoder is not None else None
         if frames is not None:
+            if frame_filter is not None:
+                frames = frame_filter(index, frames)
             _emit_frames(frames, request, writer, state)
         if keep_latents:
             state.latents.append(latents.detach().cpu())

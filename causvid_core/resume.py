@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import CausalConfig, SamplingConfig, to_dict
+from .drift import ColourTracker
 from .model import CausalWanModel
 from .pipeline import (
     ChunkEvent,
@@ -92,6 +93,7 @@ class RenderJob:
     context_latents: Tensor | None = None
     tiling: Tiling | None = None
     crf: int = 18
+    colour_anchor: float = 0.0  # 0..1: hold each chunk's colours to the start's (drift.ColourTracker)
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -124,6 +126,8 @@ def checks_of(job: RenderJob) -> dict[str, Any]:
         "sampling": to_dict(job.sampling), "causal": to_dict(job.causal), "prompts": digest.hexdigest()[:16],
         "model": str(job.settings.get("model", "")),
     }  # fmt: skip
+    if job.colour_anchor:
+        checks["colour_anchor"] = job.colour_anchor
     if job.context_latents is not None:  # the image seed / video continued: its own entry, named when it differs
         latents = job.context_latents.detach().float().cpu().numpy()
         checks["context"] = hashlib.sha256(latents.tobytes()).hexdigest()[:16]
@@ -140,6 +144,8 @@ def check_job(job: RenderJob) -> None:
             "model was trained with (Wan2.1_VAE for Wan2.1 checkpoints, embedded:NAME for embedded:NAME)"
         )
     check_length(job.request, job.causal, 0 if job.context_latents is None else job.context_latents.shape[2])
+    if not 0.0 <= job.colour_anchor <= 1.0:
+        raise ValueError(f"the colour anchor strength must be between 0 (off) and 1 (matched), got {job.colour_anchor}")
     ctx = job.context_latents
     h, w = job.request.latent_size
     if ctx is not None and (ctx.ndim != 5 or ctx.shape[1] != cfg.in_dim or tuple(ctx.shape[3:]) != (h, w)):
@@ -170,6 +176,7 @@ class Sidecar:
     segments: list[list[Any]] = field(default_factory=list)  # [file name, committed frames]
     decoder: VAEStreamState | None = None
     pending: Tensor | None = None  # uint8 [H, W, 3]: the last frame written, maybe not yet on disk
+    colour_reference: list[list[float]] | None = None  # drift.ColourTracker's reference [2][3]
 
 
 def _state_parts(state: VAEStreamState, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -207,6 +214,7 @@ def save_sidecar(path: Path, sc: Sidecar) -> None:
         "chunks_done": sc.chunks_done, "frames_written": sc.frames_written,
         "window": [[s, lat.shape[2]] for s, lat in sc.window], "history_sizes": sc.history_sizes,
         "history_shape": sc.history_shape, "segments": sc.segments, "decoder": decoder,
+        "colour_reference": sc.colour_reference,
     }  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -231,7 +239,8 @@ def load_sidecar(path: str | Path, device: torch.device | str = "cpu") -> Sideca
         raise ValueError(f"{path} was written by another version (format {meta.get('version')})")
     keys = ("settings", "checks", "total_chunks", "chunks_done", "frames_written", "history_sizes",
             "history_shape", "segments")  # fmt: skip
-    return Sidecar(**{k: meta[k] for k in keys}, window=window, decoder=decoder, pending=pending)
+    return Sidecar(**{k: meta[k] for k in keys}, window=window, decoder=decoder, pending=pending,
+                   colour_reference=meta.get("colour_reference"))  # fmt: skip
 
 
 def _mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -301,6 +310,9 @@ class _FileRender:
         segment = job.out if not sc.segments else Path(f"{job.out}.part{len(sc.segments)}.mp4")
         sc.segments.append([segment.name, 0])
         self.segment = segment
+        ref = None if sc.colour_reference is None else torch.tensor(sc.colour_reference)
+        self.colours = ColourTracker.for_timeline(job.timeline.changes, job.request.blend_chunks,
+                                                  job.colour_anchor, reference=ref)  # fmt: skip
 
     def _restore_decoder(self) -> None:
         if self.sc.decoder is not None:
@@ -323,13 +335,14 @@ class _FileRender:
             0, self.writer.writer.frames_written - 1
         )  # the last may still be in the muxer
         sc.pending = self.writer.last
+        sc.colour_reference = None if self.colours.reference is None else self.colours.reference.tolist()
         small = self.decoder.state.nbytes() <= self.limit
         sc.decoder = self.decoder.state if small else None
         save_sidecar(self.sidecar, sc)
 
     def run(self, on_chunk: Callable[[ChunkEvent], None] | None, on_step: Any) -> RenderState:
         job, sc = self.job, self.sc
-        state = RenderState(sc.chunks_done, sc.frames_written)
+        state = RenderState(sc.chunks_done, sc.frames_written, colours=self.colours)
 
         def commit(event: ChunkEvent) -> None:
             self.on_chunk(event, state)
@@ -345,7 +358,7 @@ class _FileRender:
                 render(
                     job.model, job.timeline, job.request, decoder=self.decoder, writer=self.writer,
                     on_chunk=commit, sampling=job.sampling, causal=job.causal, context_latents=job.context_latents,
-                    keep_latents=False, state=state, on_step=on_step, resume=self.resume,
+                    keep_latents=False, state=state, on_step=on_step, resume=self.resume, frame_filter=self.colours,
                 )  # fmt: skip
         sc.segments[-1][1] = video.frames_written  # closed: every frame is in the file
         self.finish()

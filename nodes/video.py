@@ -195,11 +195,14 @@ class CausVidRenderVideo:
                 "resume": ("STRING", {"default": "", "tooltip": (
                     "continue an interrupted render: its .mp4 (or .mp4.resume) in the output folder, e.g. "
                     "causvid/video_00001_.mp4; every other input must be as it was. Empty: a new video")}),
+                "colour_anchor": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "hold each chunk's colours and contrast to the start's (after a prompt change: to the new "
+                    "prompt's first chunk); 0 = off, 1 = matched. Changes the written frames only")}),
             },
         }  # fmt: skip
 
     def render(self, model, vae, prompts, crf, filename_prefix, return_frames, image_seed=None, context=None,
-               resume="", **settings):  # fmt: skip
+               resume="", colour_anchor=0.0, **settings):  # fmt: skip
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
         make_room(model.model, causal, request.width, request.height)
@@ -208,7 +211,8 @@ class CausVidRenderVideo:
         else:
             path, filename, subfolder = _output_path(filename_prefix, request.width, request.height)
         job = RenderJob(model.model, vae, timeline, request, Path(path), sampling=model.sampling, causal=causal,
-                        settings={"model": model.name}, context_latents=ctx, crf=crf)  # fmt: skip
+                        settings={"model": model.name}, context_latents=ctx, crf=crf,
+                        colour_anchor=colour_anchor)  # fmt: skip
         progress = Progress(num_chunks(request, causal, 0 if ctx is None else ctx.shape[2]))
         frames: list[torch.Tensor] = []
 
@@ -219,13 +223,14 @@ class CausVidRenderVideo:
 
         try:
             with torch.no_grad():
-                render_to_file(job, resume=bool(resume.strip()), on_chunk=on_chunk, on_step=Progress.step)
+                state = render_to_file(job, resume=bool(resume.strip()), on_chunk=on_chunk, on_step=Progress.step)
         except BaseException:  # Cancel, a full disk, a NaN chunk: say where the finished part is and how to go on
             if Path(path).exists():
                 name = f"{subfolder}/{filename}" if subfolder else filename
                 LOG.warning("CausVid Render Video stopped: %s keeps the finished chunks; put '%s' in the node's "
                             "'resume' input and queue it again to finish the same video", path, name)  # fmt: skip
             raise
+        LOG.info("CausVid Render Video: %s", state.colours.report())
         images = torch.cat(frames, dim=0)[: request.num_frames] if frames else torch.zeros(1, 64, 64, 3)
         ui = {
             "images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],

@@ -30,7 +30,8 @@ WIDGETS: dict[str, list[str]] = {
     "CausVid_PromptSchedule": ["schedule", "unit", "blend_chunks"],
     "CausVid_ImageToVideoSeed": ["width", "height"],
     "CausVid_RenderVideo": ["width", "height", "length", "length_unit", "seed", "kv_window", "kv_sink",
-                            "rope_mode", "recache_on_switch", "crf", "filename_prefix", "return_frames", "resume"],
+                            "rope_mode", "recache_on_switch", "crf", "filename_prefix", "return_frames", "resume",
+                            "colour_anchor"],
     "CausVid_StreamV2V": ["strength", "width", "height", "seed", "video_path", "max_frames",
                           "filename_prefix", "crf"],
     "CLIPLoader": ["clip_name", "type", "device"],
@@ -190,7 +191,7 @@ def render(wan: bool, prefix: str, length: float, **links: tuple[int, int]) -> N
     widgets = {
         "width": width, "height": height, "length": length, "length_unit": "seconds", "seed": 42,
         "kv_window": 0, "kv_sink": -1, "rope_mode": "model", "recache_on_switch": True, "crf": 18,
-        "filename_prefix": f"causvid/{prefix}", "return_frames": length <= 20, "resume": "",
+        "filename_prefix": f"causvid/{prefix}", "return_frames": length <= 20, "resume": "", "colour_anchor": 0.0,
     }  # fmt: skip
     return Node(
         10, "CausVid_RenderVideo", widgets, {"model": (1, 0), "vae": (2, 0), "prompts": (3, 0), **links}

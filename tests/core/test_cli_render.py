@@ -386,3 +386,38 @@ def test_bad_start_files_exit_2_before_any_output(env, tmp_path, capsys, option,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err
     assert not (tmp_path / "sub").exists()
+
+
+def test_colour_anchor_holds_the_colours_to_the_start_and_resumes(env, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Every render reports its colour drift; --colour-anchor 1 writes chunks whose mean colours are those of
+    the first chunk (the test model drifts freely), and a stopped anchored render resumes to the same frames."""
+
+    def chunk_means(video: np.ndarray) -> np.ndarray:  # mean colour of each chunk: 9 frames, then 12 each
+        bounds = [0, 9, 21, 33, 45, 57, 65]
+        return np.stack([video[a:b].reshape(-1, 3).mean(0) for a, b in zip(bounds, bounds[1:], strict=False)])
+
+    free, held = tmp_path / "free.mp4", tmp_path / "held.mp4"
+    assert main(render_args(free, "--quiet", frames=65)) == 0
+    assert re.search(r"colour drift against the start \(0-255\): largest shift [\d.]+ \(chunk \d\)", capsys.readouterr().out)
+    assert main(render_args(held, "--quiet", "--colour-anchor", "1", frames=65)) == 0
+    assert "anchored at strength 1" in capsys.readouterr().out
+    drift_free = np.abs(chunk_means(read_video(free))[1:] - chunk_means(read_video(free))[0]).max()
+    drift_held = np.abs(chunk_means(read_video(held))[1:] - chunk_means(read_video(held))[0]).max()
+    assert drift_free > 3 and drift_held < 2.0, (drift_free, drift_held)
+
+    class FullDisk(VideoWriter):
+        def write(self, frames):
+            if self.frames_written >= 21:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(frames)
+
+    stopped = tmp_path / "stopped.mp4"
+    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
+    assert main(render_args(stopped, "--quiet", "--colour-anchor", "1", frames=65)) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    assert main(["render", "--resume", str(stopped), "--device", "cpu", "--quiet"]) == 0
+    assert psnr(read_video(stopped), read_video(held)) > 40
+    assert main(render_args(tmp_path / "bad.mp4", "--colour-anchor", "2")) == 2
+    assert "colour anchor strength must be between 0 (off) and 1 (matched), got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.mp4").exists()

@@ -65,6 +65,9 @@ def test_render_video_writes_the_file_with_progress_per_chunk(host, embedded, ca
     assert result.success, result.error
     # before it starts, the node logs what the KV cache will hold (the test model: sink 1 + window 2)
     assert "CausVid: KV cache 36.0 KB: 1 sink + 2 window chunks of 3 latent frames at 4x4 latents" in caplog.text
+    # and after it, the colour drift of its chunks against the first (the colour_anchor input is off)
+    assert "CausVid Render Video: colour drift against the start (0-255): largest shift" in caplog.text
+    assert "anchored" not in caplog.text
     path = Path(result.value("4", 1))
     info = probe_video(path)
     assert info.frames == 33 and (info.width, info.height) == (32, 32)
@@ -92,6 +95,22 @@ def test_cache_inputs_default_to_the_models_own_settings(host, embedded) -> None
     assert not np.array_equal(own, frames(kv_window=1, kv_sink=-1, rope_mode="model"))
     assert not np.array_equal(own, frames(kv_window=0, kv_sink=0, rope_mode="model"))
     assert not np.array_equal(own, frames(kv_window=0, kv_sink=-1, rope_mode="window"))
+
+
+def test_colour_anchor_holds_each_chunks_colours_to_the_new_prompts_first(host, embedded) -> None:
+    """The test schedule switches prompt at chunk 1 (no blend): with colour_anchor 1 the chunks after it keep
+    chunk 1's mean colours, which are the new prompt's own (chunk 0's are not imposed on them)."""
+
+    def chunk_means(**over) -> np.ndarray:
+        result = host.execute(render_prompt(length=65, **over))
+        assert result.success, result.error
+        video = result.value("4", 0).numpy()  # IMAGE [65, 32, 32, 3] in 0..1: chunks of 9, then 12 frames
+        bounds = ((0, 9), (9, 21), (21, 33), (33, 45), (45, 57))
+        return np.stack([video[a:b].reshape(-1, 3).mean(0) * 255 for a, b in bounds])
+
+    free, held = chunk_means(), chunk_means(colour_anchor=1.0)
+    np.testing.assert_allclose(held[:2], free[:2], atol=0.05)  # the references are written as they come
+    assert np.abs(held[2:] - held[1]).max() < 1.0 < 2.0 < np.abs(free[2:] - free[1]).max()
 
 
 def test_load_with_speed_options_renders_the_reference_frames(host, embedded) -> None:
