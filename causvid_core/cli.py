@@ -8,12 +8,14 @@ command by defining its two functions and calling ``register`` at import time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,16 +279,12 @@ def _device(name: str | None) -> torch.device:
     return dev
 
 
-def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJob:
-    """Load the model, VAE and text encoder of ``settings`` and plan the render; errors before any file."""
-    import dataclasses
-
-    from .pipeline import PromptTimeline, RenderRequest, encode_schedule, seconds_to_frames
+def _load_parts(settings: dict, dev: torch.device) -> tuple[Any, Any, Any]:
+    """(bundle, VAE, text encoder) of a render's settings, with errors naming what is missing."""
     from .vae import load_wan_vae
 
     _check_model_source(settings["model"])
     vae_path = _vae_path(settings)
-    dev = _device(device)
     bundle = load_bundle(settings["model"], dtype=settings.get("dtype"), device=dev,
                          chunk_frames=settings.get("chunk_frames"), denoising_steps=settings.get("steps"))  # fmt: skip
     bundle.model.set_speed(settings.get("speed") or "")
@@ -299,6 +297,17 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
                 "(a Wan model) or the text.safetensors of the embedded model it was trained with (Shapes)"
             )
         encoder = _load_text_encoder(settings["text_encoder"], settings.get("tokenizer"), dev)
+    return bundle, vae, encoder
+
+
+def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJob:
+    """Load the model, VAE and text encoder of ``settings`` and plan the render; errors before any file."""
+    import dataclasses
+
+    from .pipeline import PromptTimeline, RenderRequest, encode_schedule, seconds_to_frames
+
+    dev = _device(device)
+    bundle, vae, encoder = _load_parts(settings, dev)
 
     def given(key: str, default):  # 0 is a value (and an error below), not "unset"
         return default if settings.get(key) is None else settings[key]
@@ -449,6 +458,126 @@ register(Subcommand("render", "render a video to an mp4 chunk by chunk (resumabl
                     _render_arguments, _render))  # fmt: skip
 register(Subcommand("generate", "render a prompt to an mp4 and print time to first frame and frames per second",
                     lambda p: _render_arguments(p, generate=True), lambda a: _render(a, generate=True)))  # fmt: skip
+
+
+# -- v2v ------------------------------------------------------------------------------------------
+def _v2v_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--source", required=True, help="the video to restyle: a file, or with --source-format a device "
+        "(/dev/video0 with v4l2, '0' with avfoundation, 'video=NAME' with dshow)")  # fmt: skip
+    add("--source-format", help="read --source as this FFmpeg input format (v4l2, avfoundation, dshow, lavfi)")
+    add("--model", default="embedded:shapes", help="embedded:NAME, a checkpoint, or hf://... (default: embedded:shapes)")
+    add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
+    add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
+    add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="what the video becomes")
+    prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
+    add("--schedule-unit", choices=("second", "chunk", "frame"), default="second", help="unit of schedule times")
+    add("--strength", type=float, default=0.6, help="(0, 1]: how far each chunk is noised before it is denoised "
+        "under the prompt (low keeps the source's layout, high takes the prompt's look); default 0.6")  # fmt: skip
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, help="stop after this much video (default: the whole source)")
+    length.add_argument("--frames", type=int, help="stop after this many frames")
+    add("--seed", type=int, default=0)
+    add("--out", required=True, help="output .mp4, written chunk by chunk (parent folders are created)")
+    add("--width", type=int, help="multiple of 16 (default: the model's natural size); the source is "
+        "resized to cover it and centre-cropped")  # fmt: skip
+    add("--height", type=int, help="multiple of 16 (default: the model's natural size)")
+    add("--fps", type=int, help="frames per second the source is read at and the output has (default: the model's)")
+    add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
+    add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
+    add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
+    add("--crf", type=int, default=18, help="H.264 quality: lower is better")
+    add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
+    add("--speed", default="", help="comma list of speed options: ring, fused_qkv, compile, fp8 (CUDA)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
+    add("--quiet", action="store_true", help="no progress line")
+
+
+def _v2v(args: argparse.Namespace) -> int:
+    """Restyle a video file or a live source chunk by chunk into an mp4 that grows as it goes."""
+    from .pipeline import PromptTimeline, encode_schedule, restyle, seconds_to_frames
+    from .video_io import VideoWriter, fit_frames, probe_video, read_video_chunks
+
+    if not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be above 0 and at most 1, got {args.strength}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if not args.source_format and not Path(args.source).is_file():
+        raise FileNotFoundError(f"--source {args.source} not found (a device needs --source-format, e.g. v4l2)")
+    settings = {"model": args.model, "vae": args.vae, "text_encoder": args.text_encoder, "tokenizer": args.tokenizer,
+                "dtype": args.dtype, "chunk_frames": args.chunk_frames, "steps": args.steps, "speed": args.speed}  # fmt: skip
+    if args.schedule and not Path(args.schedule).is_file():
+        raise FileNotFoundError(f"schedule file {args.schedule} not found")
+    t_load = time.perf_counter()
+    dev = _device(args.device)
+    bundle, vae, encoder = _load_parts(settings, dev)
+    fps = args.fps if args.fps is not None else bundle.fps
+    if fps <= 0:
+        raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
+    width, height = _natural_size(bundle)
+    width, height = args.width or width, args.height or height
+    if width % 16 or height % 16:
+        raise ValueError(f"--width and --height must be multiples of 16, got {width}x{height}")
+    limit = args.frames if args.frames is not None else seconds_to_frames(args.seconds, fps) if args.seconds else None
+    if limit is not None and limit < 1:
+        raise ValueError(f"the length must be at least 1 frame, got {limit}")
+
+    def encode(prompt: str) -> torch.Tensor:
+        return encoder.encode([prompt]).to(dev)
+
+    if args.schedule:
+        schedule = encode_schedule(Path(args.schedule).read_text(), args.schedule_unit, encode, args.blend)
+        timeline = schedule.timeline(fps, bundle.causal)
+    else:
+        timeline = PromptTimeline.single(encode(args.prompt))
+    chunk = 4 * bundle.causal.chunk_frames  # video frames per chunk; the first has 1 + 4 (k - 1)
+    total = None
+    if not args.source_format:
+        info = probe_video(args.source)
+        frames = round(info.duration * fps) if limit is None else min(limit, round(info.duration * fps))
+        total = 1 + max(0, -(-(frames - (chunk - 3)) // chunk))
+    source = read_video_chunks(args.source, chunk, first_chunk_frames=chunk - 3, fps=fps, max_frames=limit,
+                               input_format=args.source_format)  # fmt: skip
+    head = next(source, None)  # the source opens (a missing device, a broken file) before any output exists
+    if head is None:
+        raise ValueError(f"--source {args.source} gave no frames")
+    chunks = (torch.from_numpy(fit_frames(part, width, height)) for part in itertools.chain([head], source))
+    load_s = time.perf_counter() - t_load
+    bar = _ProgressBar(total or 0, quiet=args.quiet)
+    first: list[float] = []
+
+    def on_chunk(event) -> None:
+        if not first:
+            first.append(time.perf_counter() - bar.start)
+        bar.update(event.index + 1, event.frames.shape[2])
+
+    from .pipeline import RenderState
+
+    state = RenderState()
+    try:
+        with VideoWriter(out, fps=fps, crf=args.crf, low_latency=True) as writer, torch.no_grad():
+            restyle(bundle.model, vae, chunks, timeline, strength=args.strength, seed=args.seed,
+                    sampling=bundle.sampling, causal=bundle.causal, blend_chunks=args.blend, writer=writer,
+                    on_chunk=on_chunk, state=state)  # fmt: skip
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"stopped: {out} keeps the {state.frames_written} frames finished", file=sys.stderr)
+        return 130
+    bar.close()
+    elapsed = time.perf_counter() - bar.start
+    print(f"wrote {out}: {state.frames_written} frames ({state.frames_written / fps:.1f} s at {fps} fps) in "
+          f"{elapsed:.1f} s; model loaded in {load_s:.1f} s")  # fmt: skip
+    print(f"time to first frame: {first[0]:.2f} s (first source chunk read, restyled, decoded and written)")
+    print(f"frames per second: {state.frames_written / elapsed:.1f} (reading, decoding and writing included)")
+    return 0
+
+
+register(Subcommand("v2v", "restyle a video file or a live source (webcam) chunk by chunk into an mp4",
+                    _v2v_arguments, _v2v))  # fmt: skip
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -232,7 +232,18 @@ class VideoInfo:
     duration: float
 
 
-def _open(path: str | Path) -> av.container.InputContainer:
+def _open(path: str | Path, input_format: str | None = None) -> av.container.InputContainer:
+    """A video file, or with ``input_format`` a capture device or FFmpeg source (``v4l2`` and /dev/video0,
+    ``avfoundation``, ``dshow``, ``lavfi`` and a filter graph)."""
+    if input_format:
+        try:
+            container = av.open(str(path), format=input_format)
+        except av.error.FFmpegError as err:
+            raise ValueError(f"cannot open {path} as {input_format} ({err}): is the device there and free?") from err
+        if not container.streams.video:
+            container.close()
+            raise ValueError(f"{path} ({input_format}) has no video stream")
+        return container
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path}")
@@ -255,9 +266,11 @@ def probe_video(path: str | Path) -> VideoInfo:
         return VideoInfo(stream.width, stream.height, fps, frames, frames / fps)
 
 
-def _frames(path: str | Path, fps: float | None, size: tuple[int, int] | None) -> Iterator[np.ndarray]:
+def _frames(
+    path: str | Path, fps: float | None, size: tuple[int, int] | None, input_format: str | None = None
+) -> Iterator[np.ndarray]:
     """Decoded RGB frames [H, W, 3]; with ``fps``, each output time k / fps takes the latest source frame."""
-    with _open(path) as container:
+    with _open(path, input_format) as container:
         stream = container.streams.video[0]
         src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 16.0
         width, height = size if size is not None else (None, None)
@@ -291,8 +304,12 @@ def read_video_chunks(
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     max_frames: int | None = None,
+    input_format: str | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield uint8 [t, H, W, 3] chunks (the first of ``first_chunk_frames``, the last may be short).
+
+    ``input_format`` reads a capture device or FFmpeg source instead of a file (see ``_open``): a webcam is
+    ``read_video_chunks("/dev/video0", ..., input_format="v4l2")`` on Linux.
 
     ``fps`` resamples in time (a frame is repeated or skipped), ``size`` = (width, height) resizes;
     for streaming video-to-video use ``first_chunk_frames = 1 + 4k`` and ``chunk_frames = 4k``.
@@ -301,7 +318,7 @@ def read_video_chunks(
         raise ValueError(f"chunk sizes must be at least 1, got {first_chunk_frames}, {chunk_frames}")
     want = first_chunk_frames or chunk_frames
     buf: list[np.ndarray] = []
-    for i, frame in enumerate(_frames(path, fps, size)):
+    for i, frame in enumerate(_frames(path, fps, size, input_format)):
         if max_frames is not None and i >= max_frames:
             break
         buf.append(frame)
