@@ -112,6 +112,13 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
         help="continue this video: its last frames (as many as the model's KV cache holds) open the new "
         "file, re-decoded, and the continuation follows; --seconds / --frames count the new part",
     )
+    add(
+        "--extend-at",
+        type=float,
+        metavar="SECONDS",
+        help="with --extend: continue from this time of the video instead of its end (re-render the rest "
+        "with another prompt or seed)",
+    )
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="one prompt for the whole video")
     prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
@@ -203,7 +210,7 @@ def _render_settings(args: argparse.Namespace) -> dict:
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
         "speed": args.speed, "image": _absolute(args.image), "extend": _absolute(args.extend),
-        "colour_anchor": args.colour_anchor,
+        "colour_anchor": args.colour_anchor, "extend_at": args.extend_at,
     }  # fmt: skip
 
 
@@ -349,14 +356,16 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
 
 def _start_frames(settings: dict, width: int, height: int, fps: int, causal) -> np.ndarray | None:
     """The frames a render starts from (uint8 [T, H, W, 3] at the render's size), or None: the --image's
-    picture, or the last 1 + 4k frames of the --extend video (resampled to the render's fps) that the KV
-    cache can hold."""
+    picture, or the last 1 + 4k frames of the --extend video (resampled to the render's fps; before
+    --extend-at when given) that the KV cache can hold."""
     from collections import deque
 
     from .kv_cache import KVCache
     from .video_io import fit_frames, read_video_chunks
 
     option = "--image" if settings.get("image") else "--extend" if settings.get("extend") else None
+    if settings.get("extend_at") is not None and option != "--extend":
+        raise ValueError("--extend-at needs --extend VIDEO: the video to continue from that time")
     if option is None:
         return None
     path = Path(settings["image"] or settings["extend"])
@@ -369,10 +378,18 @@ def _start_frames(settings: dict, width: int, height: int, fps: int, causal) -> 
         return fit_frames(first, width, height)
     keep = 1 + 4 * (KVCache.capacity_frames(causal) - 1)  # the latent frames the cache holds, in video frames
     tail: deque[np.ndarray] = deque(maxlen=keep)
-    for chunk in read_video_chunks(path, 16, fps=fps):
+    at = settings.get("extend_at")
+    if at is not None and at <= 0:
+        raise ValueError(f"--extend-at must be a time after the start of the video, got {at}")
+    until = None if at is None else max(1, round(at * fps))  # the frames before that time
+    read = 0
+    for chunk in read_video_chunks(path, 16, fps=fps, max_frames=until):
         tail.extend(chunk)
+        read += len(chunk)
     if not tail:
         raise ValueError(f"{option} {path} holds no frames")
+    if until is not None and read < until:
+        raise ValueError(f"--extend-at {at}: {path.name} ends before that ({read / fps:.2f} s at {fps} fps)")
     count = (len(tail) - 1) // 4 * 4 + 1  # whole latent frames: 1 + 4k video frames
     return fit_frames(np.stack(list(tail)[-count:]), width, height)
 

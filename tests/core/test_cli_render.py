@@ -421,3 +421,30 @@ def test_colour_anchor_holds_the_colours_to_the_start_and_resumes(env, tmp_path:
     assert main(render_args(tmp_path / "bad.mp4", "--colour-anchor", "2")) == 2
     assert "colour anchor strength must be between 0 (off) and 1 (matched), got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_extend_at_rerenders_from_a_time_of_the_video(env, tmp_path: Path, capsys) -> None:
+    """--extend-at T continues from the frames before T (re-rendering the rest with another seed or prompt):
+    the context is the 1 + 4k frames before T that the cache holds; errors for a time past the end, or
+    without --extend."""
+    from causvid_core.cli import _render_settings, build_job, build_parser
+
+    source = tmp_path / "source.mp4"
+    assert main(render_args(source, "--quiet", frames=65)) == 0  # 4.06 s at 16 fps
+    args = build_parser().parse_args(render_args(tmp_path / "x.mp4", "--extend", str(source), "--extend-at", "3"))
+    job = build_job(_render_settings(args), tmp_path / "x.mp4", device="cpu")
+    src = read_video(source)
+    from causvid_core.vae import load_wan_vae
+
+    vae = load_wan_vae(embedded_file("shapes", "vae"))
+    with torch.no_grad():  # frames 15..47: the 33 before 3 s (48 frames at 16 fps)
+        want = vae.encode(torch.from_numpy(src[15:48]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+    assert torch.equal(job.context_latents, want)
+    out = tmp_path / "again.mp4"
+    assert main(render_args(out, "--quiet", "--extend", str(source), "--extend-at", "3", "--seed", "9", frames=24)) == 0
+    assert probe_video(out).frames == 57
+    assert main(render_args(tmp_path / "late.mp4", "--extend", str(source), "--extend-at", "9")) == 2
+    assert re.search(r"--extend-at 9.0: source.mp4 ends before that \(4.06 s at 16 fps\)", capsys.readouterr().err)
+    assert main(render_args(tmp_path / "alone.mp4", "--extend-at", "2")) == 2
+    assert "--extend-at needs --extend VIDEO" in capsys.readouterr().err
+    assert not (tmp_path / "late.mp4").exists() and not (tmp_path / "alone.mp4").exists()
