@@ -140,7 +140,8 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
     add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
     add("--no-recache", action="store_true", help="keep the cached window as it was at a prompt change")
-    add("--crf", type=int, default=18, help="H.264 quality: lower is better")
+    add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
+    add("--codec", choices=("h264", "h265"), default="h264", help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")
     add(
         "--colour-anchor",
         "--color-anchor",
@@ -210,7 +211,7 @@ def _render_settings(args: argparse.Namespace) -> dict:
         "height": args.height, "fps": args.fps, "steps": args.steps, "chunk_frames": args.chunk_frames,
         "blend_chunks": args.blend, "recache": not args.no_recache, "crf": args.crf, "dtype": args.dtype,
         "speed": args.speed, "image": _absolute(args.image), "extend": _absolute(args.extend),
-        "colour_anchor": args.colour_anchor, "extend_at": args.extend_at,
+        "colour_anchor": args.colour_anchor, "extend_at": args.extend_at, "codec": args.codec,
     }  # fmt: skip
 
 
@@ -351,7 +352,8 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
     causal = dataclasses.replace(bundle.causal)
     return RenderJob(bundle.model, vae, timeline, request, Path(out), sampling=bundle.sampling, causal=causal,
                      settings=settings, crf=settings.get("crf", 18), context_latents=context,
-                     colour_anchor=settings.get("colour_anchor") or 0.0)  # fmt: skip
+                     colour_anchor=settings.get("colour_anchor") or 0.0,
+                     codec=settings.get("codec") or "h264")  # fmt: skip
 
 
 def _start_frames(settings: dict, width: int, height: int, fps: int, causal) -> np.ndarray | None:
@@ -505,7 +507,8 @@ def _v2v_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
     add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
     add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
-    add("--crf", type=int, default=18, help="H.264 quality: lower is better")
+    add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
+    add("--codec", choices=("h264", "h265"), default="h264", help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")
     add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
     add("--speed", default="", help="comma list of speed options: ring, fused_qkv, compile, fp8 (CUDA)")
@@ -576,7 +579,7 @@ def _v2v(args: argparse.Namespace) -> int:
 
     state = RenderState()
     try:
-        with VideoWriter(out, fps=fps, crf=args.crf, low_latency=True) as writer, torch.no_grad():
+        with VideoWriter(out, fps=fps, crf=args.crf, low_latency=True, codec=args.codec) as writer, torch.no_grad():
             restyle(bundle.model, vae, chunks, timeline, strength=args.strength, seed=args.seed,
                     sampling=bundle.sampling, causal=bundle.causal, blend_chunks=args.blend, writer=writer,
                     on_chunk=on_chunk, state=state)  # fmt: skip

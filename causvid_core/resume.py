@@ -65,7 +65,7 @@ from .pipeline import (
 )
 from .pipeline import num_chunks as count_chunks
 from .vae_stream import Tiling, VAEStreamState
-from .video_io import VideoWriter, concat_copy
+from .video_io import CODECS, VideoWriter, concat_copy
 
 SIDECAR_SUFFIX = ".resume"
 HISTORY_SUFFIX = ".resume.latents"
@@ -93,6 +93,7 @@ class RenderJob:
     context_latents: Tensor | None = None
     tiling: Tiling | None = None
     crf: int = 18
+    codec: str = "h264"  # video_io.CODECS
     colour_anchor: float = 0.0  # 0..1: hold each chunk's colours to the start's (drift.ColourTracker)
 
 
@@ -128,6 +129,8 @@ def checks_of(job: RenderJob) -> dict[str, Any]:
     }  # fmt: skip
     if job.colour_anchor:
         checks["colour_anchor"] = job.colour_anchor
+    if job.codec != "h264":  # the parts of a resumed file are joined without re-encoding: one codec
+        checks["codec"] = job.codec
     if job.context_latents is not None:  # the image seed / video continued: its own entry, named when it differs
         latents = job.context_latents.detach().float().cpu().numpy()
         checks["context"] = hashlib.sha256(latents.tobytes()).hexdigest()[:16]
@@ -144,6 +147,8 @@ def check_job(job: RenderJob) -> None:
             "model was trained with (Wan2.1_VAE for Wan2.1 checkpoints, embedded:NAME for embedded:NAME)"
         )
     check_length(job.request, job.causal, 0 if job.context_latents is None else job.context_latents.shape[2])
+    if job.codec not in CODECS:
+        raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {job.codec!r}")
     if not 0.0 <= job.colour_anchor <= 1.0:
         raise ValueError(f"the colour anchor strength must be between 0 (off) and 1 (matched), got {job.colour_anchor}")
     ctx = job.context_latents
@@ -349,7 +354,7 @@ class _FileRender:
             if on_chunk is not None:
                 on_chunk(event)
 
-        with VideoWriter(self.segment, fps=job.request.fps, crf=job.crf, low_latency=True) as video:
+        with VideoWriter(self.segment, fps=job.request.fps, crf=job.crf, low_latency=True, codec=job.codec) as video:
             self.writer = _TrackingWriter(video)
             if sc.pending is not None:  # the frame the interrupted segment may not hold
                 self.writer.write(sc.pending[None])

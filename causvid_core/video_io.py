@@ -83,8 +83,12 @@ def _as_uint8_frames(frames: Tensor | np.ndarray) -> np.ndarray:
     return t.numpy()
 
 
+CODECS = {"h264": "libx264", "h265": "libx265"}  # --codec name -> FFmpeg encoder (both take crf and preset)
+
+
 class VideoWriter:
-    """H.264 (libx264, yuv420p) MP4 writer that takes frames as they come and never holds a whole video.
+    """H.264 (libx264) or H.265 (libx265, ``codec="h265"``), yuv420p MP4
+    writer that takes frames as they come and never holds a whole video.
 
     yuv420p needs an even width and height: odd sizes are padded by repeating the last row/column
     (``odd_size="pad"``, the default) or cropped by one pixel (``"crop"``). Fragmented MP4 (the
@@ -107,7 +111,10 @@ class VideoWriter:
         odd_size: Literal["pad", "crop"] = "pad",
         fragmented: bool = True,
         low_latency: bool = False,
+        codec: str = "h264",
     ) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         if not 0 <= crf <= 51:
@@ -116,7 +123,7 @@ class VideoWriter:
             raise ValueError(f"odd_size must be 'pad' or 'crop', got {odd_size!r}")
         self.path = Path(path)
         self.fps = Fraction(fps).limit_denominator(1001)
-        self.crf, self.preset, self.odd_size = crf, preset, odd_size
+        self.crf, self.preset, self.odd_size, self.codec = crf, preset, odd_size, codec
         self.keyframe_interval = keyframe_interval or max(1, round(float(fps)))
         self.low_latency = low_latency
         flags = LOW_LATENCY if low_latency else FRAGMENTED
@@ -136,13 +143,17 @@ class VideoWriter:
         even = (h + h % 2, w + w % 2) if self.odd_size == "pad" else (h - h % 2, w - w % 2)
         if min(even) < 2:
             raise ValueError(f"frames of {h}x{w} are too small to encode")
-        stream = self._container.add_stream("libx264", rate=self.fps)
+        stream = self._container.add_stream(CODECS[self.codec], rate=self.fps)
         stream.height, stream.width = even
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = self.keyframe_interval
-        stream.options = {"crf": str(self.crf), "preset": self.preset}
-        if self.low_latency:
-            stream.options = {**stream.options, "tune": "zerolatency"}
+        options = {"crf": str(self.crf), "preset": self.preset}
+        if self.low_latency:  # no B-frames or lookahead: a packet per frame, in order (concat_copy needs it)
+            options["tune"] = "zerolatency"
+        if self.codec == "h265":
+            stream.codec_context.codec_tag = "hvc1"  # what Apple's players need to play HEVC in MP4
+            options["x265-params"] = "log-level=error"
+        stream.options = options
         self._stream, self.input_size = stream, (h, w)
 
     def _fit(self, frame: np.ndarray) -> np.ndarray:

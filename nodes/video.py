@@ -198,11 +198,12 @@ class CausVidRenderVideo:
                 "colour_anchor": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                     "hold each chunk's colours and contrast to the start's (after a prompt change: to the new "
                     "prompt's first chunk); 0 = off, 1 = matched. Changes the written frames only")}),
+                "codec": (["h264", "h265"], {"default": "h264", "tooltip": "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)"}),
             },
         }  # fmt: skip
 
     def render(self, model, vae, prompts, crf, filename_prefix, return_frames, image_seed=None, context=None,
-               resume="", colour_anchor=0.0, **settings):  # fmt: skip
+               resume="", colour_anchor=0.0, codec="h264", **settings):  # fmt: skip
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
         make_room(model.model, causal, request.width, request.height)
@@ -212,7 +213,7 @@ class CausVidRenderVideo:
             path, filename, subfolder = _output_path(filename_prefix, request.width, request.height)
         job = RenderJob(model.model, vae, timeline, request, Path(path), sampling=model.sampling, causal=causal,
                         settings={"model": model.name}, context_latents=ctx, crf=crf,
-                        colour_anchor=colour_anchor)  # fmt: skip
+                        colour_anchor=colour_anchor, codec=codec)  # fmt: skip
         progress = Progress(num_chunks(request, causal, 0 if ctx is None else ctx.shape[2]))
         frames: list[torch.Tensor] = []
 
@@ -271,11 +272,14 @@ class CausVidStreamV2V:
                 "filename_prefix": ("STRING", {"default": "", "tooltip": "empty: do not write a file"}),
                 "crf": ("INT", {"default": 18, "min": 0, "max": 51}),
             },
-            "optional": {"images": ("IMAGE",)},
+            "optional": {
+                "images": ("IMAGE",),
+                "codec": (["h264", "h265"], {"default": "h264", "tooltip": "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)"}),
+            },
         }  # fmt: skip
 
     def restyle(self, model, vae, prompts, strength, width, height, seed, video_path, max_frames,
-                filename_prefix, crf, images=None):  # fmt: skip
+                filename_prefix, crf, images=None, codec="h264"):  # fmt: skip
         k = model.causal.chunk_frames
         chunks = _source_chunks(images, video_path, width, height, 4 * k, max_frames, model.fps)
         timeline = PromptTimeline.from_schedule(
@@ -291,7 +295,7 @@ class CausVidStreamV2V:
             progress.bar.update_absolute(event.index + 1, event.index + 2, preview_image(event.frames))
             Progress.step(0, 0, event.frames)
 
-        writer = VideoWriter(path, fps=model.fps, crf=crf) if path else None
+        writer = VideoWriter(path, fps=model.fps, crf=crf, codec=codec) if path else None
         try:
             with torch.no_grad():
                 restyle(model.model, vae, chunks, timeline, strength=strength, seed=seed, sampling=model.sampling,

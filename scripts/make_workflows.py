@@ -31,9 +31,9 @@ WIDGETS: dict[str, list[str]] = {
     "CausVid_ImageToVideoSeed": ["width", "height"],
     "CausVid_RenderVideo": ["width", "height", "length", "length_unit", "seed", "kv_window", "kv_sink",
                             "rope_mode", "recache_on_switch", "crf", "filename_prefix", "return_frames", "resume",
-                            "colour_anchor"],
+                            "colour_anchor", "codec"],
     "CausVid_StreamV2V": ["strength", "width", "height", "seed", "video_path", "max_frames",
-                          "filename_prefix", "crf"],
+                          "filename_prefix", "crf", "codec"],
     "CLIPLoader": ["clip_name", "type", "device"],
     "LoadImage": ["image"],
 }  # fmt: skip
@@ -191,7 +191,7 @@ def render(wan: bool, prefix: str, length: float, **links: tuple[int, int]) -> N
     widgets = {
         "width": width, "height": height, "length": length, "length_unit": "seconds", "seed": 42,
         "kv_window": 0, "kv_sink": -1, "rope_mode": "model", "recache_on_switch": True, "crf": 18,
-        "filename_prefix": f"causvid/{prefix}", "return_frames": length <= 20, "resume": "", "colour_anchor": 0.0,
+        "filename_prefix": f"causvid/{prefix}", "return_frames": length <= 20, "resume": "", "colour_anchor": 0.0, "codec": "h264",
     }  # fmt: skip
     return Node(
         10, "CausVid_RenderVideo", widgets, {"model": (1, 0), "vae": (2, 0), "prompts": (3, 0), **links}
@@ -256,7 +256,7 @@ def workflows() -> dict[str, tuple[list[Node], str]]:
         v2v = Node(10, "CausVid_StreamV2V", {
             "strength": 0.6, "width": size[0], "height": size[1], "seed": 42,
             "video_path": "source.mp4" if wan else SOURCE_MP4, "max_frames": 0,
-            "filename_prefix": "causvid/v2v", "crf": 18}, {"model": (1, 0), "vae": (2, 0), "prompts": (3, 0)})  # fmt: skip
+            "filename_prefix": "causvid/v2v", "crf": 18, "codec": "h264"}, {"model": (1, 0), "vae": (2, 0), "prompts": (3, 0)})  # fmt: skip
         out[f"{kind}-stream-video-to-video"] = (
             [*loaders(wan, v2v_prompt), v2v],
             "Stream video to video: the source is read, restyled and written chunk by chunk. "

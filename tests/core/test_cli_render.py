@@ -215,6 +215,29 @@ def test_full_disk_exits_2_and_resume_finishes(env, tmp_path: Path, capsys, monk
     assert probe_video(out).frames == 33
 
 
+def test_h265_render_stopped_and_resumed_is_one_hevc_file(env, tmp_path: Path, capsys, monkeypatch) -> None:
+    import av
+
+    class FullDisk(VideoWriter):
+        def write(self, frames):
+            if self.frames_written >= 21:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(frames)
+
+    out = tmp_path / "out.mp4"
+    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
+    assert main(render_args(out, "--quiet", "--codec", "h265")) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
+    with av.open(str(out)) as f:
+        assert f.streams.video[0].codec_context.name == "hevc"
+    assert probe_video(out).frames == 33
+    straight = tmp_path / "straight.mp4"
+    assert main(render_args(straight, "--quiet", "--codec", "h265")) == 0
+    assert psnr(read_video(out), read_video(straight)) > 35  # the same frames; the second part coded apart
+
+
 def test_speed_options_render_the_reference_video(env, tmp_path: Path) -> None:
     """``--speed ring,fused_qkv`` writes the video the reference path writes, past the first eviction
     (5 chunks, sink 1 + window 2): fp32 differences of 1e-6 leave the encoded pixels the same up to a

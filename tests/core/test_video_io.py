@@ -58,6 +58,25 @@ def test_round_trip_keeps_count_size_fps_and_pixels(tmp_path: Path, fragmented: 
     assert psnr(back, video) > 35
 
 
+def test_h265_writes_hevc_that_apple_players_accept_and_joins_without_reencoding(tmp_path: Path) -> None:
+    """codec="h265": an HEVC stream tagged hvc1 (QuickTime refuses hev1), read back as written; two
+    low-latency parts join by stream copy (resumed renders)."""
+    import av
+
+    from causvid_core.video_io import concat_copy
+
+    video = smooth_pattern(40, 64, 96)
+    write(tmp_path / "a.mp4", video, fps=16, crf=23, codec="h265")
+    with av.open(str(tmp_path / "a.mp4")) as f:
+        stream = f.streams.video[0]
+        assert stream.codec_context.name == "hevc" and stream.codec_tag == "hvc1"
+    assert psnr(read_video(tmp_path / "a.mp4"), video) > 35
+    write(tmp_path / "p1.mp4", video[:20], fps=16, codec="h265", low_latency=True)
+    write(tmp_path / "p2.mp4", video[20:], fps=16, codec="h265", low_latency=True)
+    assert concat_copy([(tmp_path / "p1.mp4", 20), (tmp_path / "p2.mp4", 20)], tmp_path / "j.mp4", 16) == 40
+    assert psnr(read_video(tmp_path / "j.mp4"), video) > 35
+
+
 def test_writer_takes_torch_uint8_and_image_floats(tmp_path: Path) -> None:
     video = smooth_pattern(6, 32, 32)
     with VideoWriter(tmp_path / "t.mp4", crf=10) as writer:
@@ -154,6 +173,8 @@ def test_unreadable_files_have_clear_errors(tmp_path: Path) -> None:
 def test_writer_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="crf must be in 0..51"):
         VideoWriter(tmp_path / "x.mp4", crf=70)
+    with pytest.raises(ValueError, match="codec must be one of h264, h265, got 'vp8'"):
+        VideoWriter(tmp_path / "x.mp4", codec="vp8")
     with VideoWriter(tmp_path / "x.mp4") as writer:
         with pytest.raises(
             ValueError, match=r"expected frames \[T, H, W, 3\] \(RGB\), got shape \[2, 3, 16, 16\]"
