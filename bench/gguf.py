@@ -109,7 +109,7 @@ def _unpack_gbps(device: str, blocks: int) -> dict[str, float]:
         start = time.perf_counter()
         for _ in range(3):
             unpack(packed, type_id, qt.shape, torch.float32)
-        if device == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         out[name] = round(3 * blocks * per_block * 4 / (time.perf_counter() - start) / 1e9, 2)
     return out

@@ -330,6 +330,12 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
         frames = seconds_to_frames(settings["seconds"], fps)
     start = _start_frames(settings, width, height, fps, bundle.causal)
     if start is not None and settings.get("extend"):
+        chunk = 4 * bundle.causal.chunk_frames
+        if frames < chunk:
+            raise ValueError(
+                f"the continuation ({frames} frames) is below one chunk: ask for at least {chunk} frames "
+                f"({chunk / fps:.2f} s at {fps} fps) after the {len(start)} frames it continues"
+            )
         frames += len(start)  # the new part's length comes after the frames it continues
     request = RenderRequest(width, height, frames, seed=settings.get("seed", 0), fps=fps,
                             blend_chunks=settings.get("blend_chunks", 0),
@@ -346,7 +352,8 @@ def build_job(settings: dict, out: Path, device: str | None = "auto") -> RenderJ
     if settings.get("schedule"):
         schedule = encode_schedule(settings["schedule"], settings.get("schedule_unit", "second"), encode,
                                    request.blend_chunks)  # fmt: skip
-        timeline = schedule.timeline(fps, bundle.causal)
+        # schedule times count from the video's first frame, the image seed or continued frames included
+        timeline = schedule.timeline(fps, bundle.causal, 0 if context is None else context.shape[2])
     else:
         timeline = PromptTimeline.single(encode(settings["prompt"]))
     causal = dataclasses.replace(bundle.causal)
@@ -410,15 +417,17 @@ def job_from_sidecar(path: str | Path, device: str | None = "auto") -> RenderJob
 def memory_line(job: RenderJob) -> str:
     """What the render will hold in memory, said before it starts: the weights and the KV cache (which must
     fit in the device's free memory: ``CacheTooLargeError`` otherwise, before any file is written)."""
+    return _memory(job.model, job.causal, *job.request.latent_size)
+
+
+def _memory(model: Any, causal: Any, h: int, w: int) -> str:
     from .gguf import PackedLinear
     from .kv_cache import KVCache, format_bytes
 
-    model = job.model
     weight = next(model.parameters())
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     packed = sum(isinstance(m, PackedLinear) for m in model.modules())
-    h, w = job.request.latent_size
-    args = (model.config, job.causal, 1, h, w, weight.dtype, getattr(model, "cache_layout", "compact"))
+    args = (model.config, causal, 1, h, w, weight.dtype, getattr(model, "cache_layout", "compact"))
     KVCache.check_fits(*args, device=weight.device)
     cache = KVCache.describe(*args)
     return (
@@ -562,11 +571,13 @@ def _v2v(args: argparse.Namespace) -> int:
         total = 1 + max(0, -(-(frames - (chunk - 3)) // chunk))
     source = read_video_chunks(args.source, chunk, first_chunk_frames=chunk - 3, fps=fps, max_frames=limit,
                                input_format=args.source_format)  # fmt: skip
+    memory = _memory(bundle.model, bundle.causal, height // 8, width // 8)  # the cache must fit, or stop here
     head = next(source, None)  # the source opens (a missing device, a broken file) before any output exists
     if head is None:
         raise ValueError(f"--source {args.source} gave no frames")
     chunks = (torch.from_numpy(fit_frames(part, width, height)) for part in itertools.chain([head], source))
     load_s = time.perf_counter() - t_load
+    print(memory)
     bar = _ProgressBar(total or 0, quiet=args.quiet)
     first: list[float] = []
 

@@ -141,8 +141,8 @@ def _nibbles(qs: Tensor) -> Tensor:
 
 def _bits(qh: Tensor, count: int) -> Tensor:
     """Bit ``j`` of the little-endian integer in ``qh`` [n, count / 8], for j < count, as uint8 [n, count]."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
-    return ((qh.contiguous().unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], count)
+    qh = qh.contiguous()
+    return torch.stack([(qh >> s) & 1 for s in range(8)], dim=-1).reshape(qh.shape[0], count)
 
 
 def _q8_0(b: Tensor) -> Tensor:
@@ -172,8 +172,8 @@ def _q5_1(b: Tensor) -> Tensor:
 
 def _shifted(x: Tensor, shifts: tuple[int, ...], mask: int) -> Tensor:
     """``(x >> s) & mask`` for each shift, stacked before x's last axis: [n, g, L] -> [n, g, len(shifts), L]."""
-    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).view(1, 1, -1, 1)
-    return (x.contiguous().unsqueeze(-2) >> s) & mask
+    x = x.contiguous()  # Python-int shifts: no small host-to-device copy (a GPU stall) per layer
+    return torch.stack([(x >> s) & mask for s in shifts], dim=-2)
 
 
 def _q2_k(b: Tensor) -> Tensor:

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import CausalConfig, SamplingConfig, to_dict
-from .drift import ColourTracker
+from .drift import ChunkDrift, ColourTracker
 from .model import CausalWanModel
 from .pipeline import (
     ChunkEvent,
@@ -126,15 +126,18 @@ def checks_of(job: RenderJob) -> dict[str, Any]:
         "blend_chunks": r.blend_chunks, "recache_on_switch": r.recache_on_switch,
         "sampling": to_dict(job.sampling), "causal": to_dict(job.causal), "prompts": digest.hexdigest()[:16],
         "model": str(job.settings.get("model", "")),
+        "colour_anchor": job.colour_anchor,
+        "codec": job.codec,  # the parts of a resumed file are joined without re-encoding: one codec
+        "context": None,  # the image seed / video continued: its own entry, named when it differs
     }  # fmt: skip
-    if job.colour_anchor:
-        checks["colour_anchor"] = job.colour_anchor
-    if job.codec != "h264":  # the parts of a resumed file are joined without re-encoding: one codec
-        checks["codec"] = job.codec
-    if job.context_latents is not None:  # the image seed / video continued: its own entry, named when it differs
+    if job.context_latents is not None:
         latents = job.context_latents.detach().float().cpu().numpy()
         checks["context"] = hashlib.sha256(latents.tobytes()).hexdigest()[:16]
     return json.loads(json.dumps(checks))  # tuples -> lists, as read back from the sidecar
+
+
+# what a sidecar written before a check existed held for it (those renders had no such option)
+_CHECK_DEFAULTS = {"colour_anchor": 0.0, "codec": "h264", "context": None}
 
 
 def check_job(job: RenderJob) -> None:
@@ -182,6 +185,7 @@ class Sidecar:
     decoder: VAEStreamState | None = None
     pending: Tensor | None = None  # uint8 [H, W, 3]: the last frame written, maybe not yet on disk
     colour_reference: list[list[float]] | None = None  # drift.ColourTracker's reference [2][3]
+    colour_drift: list[list[float]] = field(default_factory=list)  # [chunk, shift, contrast] of chunks done
 
 
 def _state_parts(state: VAEStreamState, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -219,7 +223,7 @@ def save_sidecar(path: Path, sc: Sidecar) -> None:
         "chunks_done": sc.chunks_done, "frames_written": sc.frames_written,
         "window": [[s, lat.shape[2]] for s, lat in sc.window], "history_sizes": sc.history_sizes,
         "history_shape": sc.history_shape, "segments": sc.segments, "decoder": decoder,
-        "colour_reference": sc.colour_reference,
+        "colour_reference": sc.colour_reference, "colour_drift": sc.colour_drift,
     }  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -245,11 +249,15 @@ def load_sidecar(path: str | Path, device: torch.device | str = "cpu") -> Sideca
     keys = ("settings", "checks", "total_chunks", "chunks_done", "frames_written", "history_sizes",
             "history_shape", "segments")  # fmt: skip
     return Sidecar(**{k: meta[k] for k in keys}, window=window, decoder=decoder, pending=pending,
-                   colour_reference=meta.get("colour_reference"))  # fmt: skip
+                   colour_reference=meta.get("colour_reference"), colour_drift=meta.get("colour_drift") or [])  # fmt: skip
 
 
 def _mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
+    """Every check that differs, in either direction (a key one side lacks counts as its default)."""
+    keys = list(now) + [k for k in saved if k not in now]
+    was = {k: saved.get(k, _CHECK_DEFAULTS.get(k)) for k in keys}
+    is_ = {k: now.get(k, _CHECK_DEFAULTS.get(k)) for k in keys}
+    return [f"{k} {was[k]!r} -> {is_[k]!r}" for k in keys if was[k] != is_[k]]
 
 
 # -- the latent history ----------------------------------------------------------------------------
@@ -318,6 +326,7 @@ class _FileRender:
         ref = None if sc.colour_reference is None else torch.tensor(sc.colour_reference)
         self.colours = ColourTracker.for_timeline(job.timeline.changes, job.request.blend_chunks,
                                                   job.colour_anchor, reference=ref)  # fmt: skip
+        self.colours.history = [ChunkDrift(int(i), s, c) for i, s, c in sc.colour_drift]  # before a resume
 
     def _restore_decoder(self) -> None:
         if self.sc.decoder is not None:
@@ -341,6 +350,7 @@ class _FileRender:
         )  # the last may still be in the muxer
         sc.pending = self.writer.last
         sc.colour_reference = None if self.colours.reference is None else self.colours.reference.tolist()
+        sc.colour_drift = [[d.index, d.mean_shift, d.contrast] for d in self.colours.history]
         small = self.decoder.state.nbytes() <= self.limit
         sc.decoder = self.decoder.state if small else None
         save_sidecar(self.sidecar, sc)
@@ -375,7 +385,11 @@ class _FileRender:
         parts = [(out.with_name(name), n) for name, n in self.sc.segments if n > 0]
         if len(self.sc.segments) > 1:
             tmp = out.with_name(out.name + ".joining.mp4")
-            concat_copy(parts, tmp, self.job.request.fps)
+            try:
+                concat_copy(parts, tmp, self.job.request.fps)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # the parts and the sidecar stay: nothing finished is lost
+                raise
             os.replace(tmp, out)
             for name, _ in self.sc.segments[1:]:
                 out.with_name(name).unlink(missing_ok=True)

@@ -219,6 +219,8 @@ def concat_copy(parts: list[tuple[str | Path, int]], out: str | Path, fps: float
                 stream = src.streams.video[0]
                 if target is None:
                     target, extradata = dst.add_stream_from_template(stream), stream.codec_context.extradata
+                    if stream.codec_tag == "hvc1":  # keep HEVC playable in Apple's players (the default is hev1)
+                        target.codec_context.codec_tag = "hvc1"
                 elif stream.codec_context.extradata != extradata:
                     raise ValueError(f"{Path(path).name} was encoded with other settings: cannot join it")
                 for k, packet in enumerate(p for p in src.demux(stream) if p.size):

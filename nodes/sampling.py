@@ -85,7 +85,7 @@ class CausVidSampler:
     def sample(self, model, prompts, image_seed=None, context=None, **settings):
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
-        make_room(model.model, causal, request.width, request.height)
+        make_room(model.model, causal, request.width, request.height, batch=timeline.changes[0].shape[0])
         progress = Progress(num_chunks(request, causal, 0 if ctx is None else ctx.shape[2]))
         state = render(
             model.model, timeline, request, sampling=model.sampling, causal=causal, context_latents=ctx,

@@ -206,7 +206,7 @@ class CausVidRenderVideo:
                resume="", colour_anchor=0.0, codec="h264", **settings):  # fmt: skip
         ctx = context_latents(model, image_seed, context)
         request, causal, timeline = plan(model, prompts, context=ctx, **settings)
-        make_room(model.model, causal, request.width, request.height)
+        make_room(model.model, causal, request.width, request.height, batch=timeline.changes[0].shape[0])
         if resume.strip():
             path, filename, subfolder = _resume_target(resume)
         else:

@@ -525,10 +525,14 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
             out, {"trajectory": torch.cat(trajs), "context": text, "timesteps": torch.tensor(kept_t)}, meta
         )
         written.append(out)
-        # the first pair of each shard decoded, to see what ode-init will learn before it runs
-        preview = folder / "samples" / f"{out.stem}.mp4"
-        _write_latent_video(trajs[0][:1, -1], cfg, preview)
-        _say(ctx, f"wrote {out} ({len(idx)} samples; the first, {prompts[0]!r}, decoded to {preview})")
+        _say(ctx, f"wrote {out} ({len(idx)} samples)")
+        if len(written) == 1:  # this run's first pair decoded, to see what ode-init will learn before it runs
+            preview = folder / "samples" / f"{out.stem}.mp4"
+            try:
+                _write_latent_video(trajs[0][:1, -1], cfg, preview)
+                _say(ctx, f"its first sample, {prompts[0]!r}, decoded to {preview}")
+            except Exception as err:  # noqa: BLE001 - a preview never costs the pairs already written
+                _say(ctx, f"warning: no preview of {out.name} ({type(err).__name__}: {err}); the pairs are kept")
     dist.barrier(ctx)
     return {"stage": "ode-pairs", "folder": folder, "written": written}
 

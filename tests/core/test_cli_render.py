@@ -230,8 +230,8 @@ def test_h265_render_stopped_and_resumed_is_one_hevc_file(env, tmp_path: Path, c
     monkeypatch.undo()
     monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
     assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
-    with av.open(str(out)) as f:
-        assert f.streams.video[0].codec_context.name == "hevc"
+    with av.open(str(out)) as f:  # joined from two parts, still HEVC tagged for Apple's players
+        assert f.streams.video[0].codec_context.name == "hevc" and f.streams.video[0].codec_tag == "hvc1"
     assert probe_video(out).frames == 33
     straight = tmp_path / "straight.mp4"
     assert main(render_args(straight, "--quiet", "--codec", "h265")) == 0
@@ -392,6 +392,9 @@ def test_extend_continues_a_video_from_its_last_frames(env, tmp_path: Path, caps
     with VideoWriter(tmp_path / "round_trip.mp4", fps=16, crf=18) as writer:  # the same H.264 coding
         writer.write(_vae_round_trip(src[-33:]))
     assert psnr(video[:33], read_video(tmp_path / "round_trip.mp4")) > 28
+    capsys.readouterr()
+    assert main(render_args(tmp_path / "short.mp4", "--extend", str(source), frames=5)) == 2
+    assert "the continuation (5 frames) is below one chunk: ask for at least 12 frames" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -471,3 +474,18 @@ def test_extend_at_rerenders_from_a_time_of_the_video(env, tmp_path: Path, capsy
     assert main(render_args(tmp_path / "alone.mp4", "--extend-at", "2")) == 2
     assert "--extend-at needs --extend VIDEO" in capsys.readouterr().err
     assert not (tmp_path / "late.mp4").exists() and not (tmp_path / "alone.mp4").exists()
+
+
+def test_a_schedule_counts_its_times_from_the_image_seed_as_the_nodes_do(env, tmp_path: Path) -> None:
+    """With --image, schedule times count from the picture (frame 0): a switch at 2 s lands on chunk 2, as in the
+    Render Video node, not chunk 3 as it would with nothing before the first generated chunk."""
+    from PIL import Image
+
+    from causvid_core.cli import _render_settings, build_job, build_parser
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    (tmp_path / "s.txt").write_text(f"0: {PROMPT}\n2: a blue square moving left\n")
+    argv = render_args(tmp_path / "x.mp4", "--image", str(tmp_path / "first.png"), frames=65)
+    argv[argv.index("--prompt") : argv.index("--prompt") + 2] = ["--schedule", str(tmp_path / "s.txt")]
+    job = build_job(_render_settings(build_parser().parse_args(argv)), tmp_path / "x.mp4", device="cpu")
+    assert sorted(job.timeline.changes) == [0, 2]

@@ -160,6 +160,35 @@ def test_resume_with_other_settings_is_refused(parts, tmp_path: Path) -> None:
         render_to_file(make_job(parts, tmp_path / "other.mp4"), resume=True)
 
 
+def test_a_setting_dropped_on_resume_is_refused_too(parts, tmp_path: Path) -> None:
+    """A node rebuilds the job from its inputs: a render started with h265 and a colour anchor cannot be
+    resumed as h264 without one (its parts could never be joined), and an old sidecar that predates those
+    checks still resumes with the defaults."""
+    import dataclasses
+
+    from causvid_core.resume import load_sidecar, save_sidecar, sidecar_path
+
+    out = tmp_path / "video.mp4"
+    rec = Recorder(1)
+    with pytest.raises(KeyboardInterrupt):
+        render_to_file(dataclasses.replace(make_job(parts, out), codec="h265", colour_anchor=0.5), on_chunk=rec)
+    with pytest.raises(ValueError, match=r"other settings \(colour_anchor 0.5 -> 0.0; codec 'h265' -> 'h264'\)"):
+        render_to_file(make_job(parts, out), resume=True)
+    assert not out.with_name("video.mp4.joining.mp4").exists() and sidecar_path(out).exists()
+    assert [row[0] for row in load_sidecar(sidecar_path(out)).colour_drift] == [0, 1]  # the drift so far is kept
+    state = render_to_file(dataclasses.replace(make_job(parts, out), codec="h265", colour_anchor=0.5), resume=True)
+    assert [d.index for d in state.colours.history] == list(range(state.chunks_done))  # the report covers all
+    # a sidecar written before the codec / anchor / context checks existed: its render had the defaults
+    old = tmp_path / "old.mp4"
+    interrupted(parts, old, 1)
+    sc = load_sidecar(sidecar_path(old))
+    for key in ("codec", "colour_anchor", "context"):
+        del sc.checks[key]
+    save_sidecar(sidecar_path(old), sc)
+    render_to_file(make_job(parts, old), resume=True)
+    assert not sidecar_path(old).exists()
+
+
 def test_an_interrupted_render_is_not_lost_to_a_new_one_or_a_moved_part(parts, tmp_path: Path) -> None:
     """Starting the same output again points at --resume (overwriting would drop the finished frames); a
     resume whose finished part was moved away says so before rendering anything, and resumes once it is back."""

@@ -75,6 +75,8 @@ def test_h265_writes_hevc_that_apple_players_accept_and_joins_without_reencoding
     write(tmp_path / "p2.mp4", video[20:], fps=16, codec="h265", low_latency=True)
     assert concat_copy([(tmp_path / "p1.mp4", 20), (tmp_path / "p2.mp4", 20)], tmp_path / "j.mp4", 16) == 40
     assert psnr(read_video(tmp_path / "j.mp4"), video) > 35
+    with av.open(str(tmp_path / "j.mp4")) as f:  # the joined file keeps the tag
+        assert f.streams.video[0].codec_tag == "hvc1"
 
 
 def test_writer_takes_torch_uint8_and_image_floats(tmp_path: Path) -> None:

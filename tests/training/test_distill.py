@@ -74,10 +74,10 @@ def test_ode_pairs_hold_the_students_timesteps_and_are_reproducible(chain: dict,
         assert traj.shape == (2, 4, 16, 6, 4, 4)  # [N, 3 kept steps + x0, C, F, h, w]
         assert json.loads(meta["keep_steps"]) == [0, 36, 44]
         assert len(json.loads(meta["prompts"])) == 2
-        # the shard's first x0 is decoded beside it, to be looked at before ode-init: 21 frames of 32x32
-        assert (folder / "samples" / f"{Path(name).stem}.mp4").stat().st_size > 0
-        with Image.open(folder / "samples" / f"{Path(name).stem}.png") as strip:
-            assert strip.size == (8 * 32 * 2, 32 * 2)
+    # the run's first shard's first x0 is decoded beside it, to be looked at before ode-init: 21 frames of 32x32
+    assert (folder / "samples" / "shard_00000.mp4").stat().st_size > 0
+    with Image.open(folder / "samples" / "shard_00000.png") as strip:
+        assert strip.size == (8 * 32 * 2, 32 * 2)
     # a second run over a finished folder skips every shard; one with another guidance is not mixed in
     assert run(chain["root"], "ode-pairs")["written"] == []
     with pytest.raises(ConfigError, match=r"holds shards made with other settings \(guidance 6.0 here, 2.0 now\)"):
