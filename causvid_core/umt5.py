@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, safe_torch_load
+from .gguf import MAGIC as GGUF_MAGIC
+from .gguf import GGUFError, read_gguf
 from .hub import HubDownloadError, local_path, parse_hub_ref, resolve_hub_ref, resolve_source
 
 # Wan2.1's standard negative prompt (``wan/configs/shared_config.py``, ``sample_neg_prompt``).
@@ -225,7 +227,26 @@ _LAYOUT_MARKERS = {"wan": "blocks.0.attn.q.weight", "hf": "encoder.block.0.layer
 LAYOUTS = {
     "wan": "Wan umT5 state dict (models_t5_umt5-xxl-enc-bf16.pth names)",
     "hf": "Hugging Face / ComfyUI umT5 names (encoder.block.N.layer...), fp16/bf16/fp32 or scaled fp8",
+    "gguf": "GGUF umT5 encoder (llama.cpp's t5 names, as city96's umt5-xxl-encoder GGUF files), any type "
+    "causvid_core.gguf reads",
 }
+# llama.cpp's T5 tensor names -> Hugging Face's, replaced in this order (enc.blk.0.attn_q -> encoder.block.0...)
+_GGUF_T5_NAMES = (
+    ("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"), ("output_norm", "final_layer_norm"),
+    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"), ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"), ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"), ("attn_norm", "layer.0.layer_norm"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"), ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"), ("ffn_norm", "layer.1.layer_norm"),
+)  # fmt: skip
+
+
+def gguf_t5_to_hf_key(key: str) -> str:
+    """Hugging Face's name of a llama.cpp T5 encoder tensor (``enc.blk.3.ffn_up.weight`` ->
+    ``encoder.block.3.layer.1.DenseReluDense.wi_1.weight``)."""
+    for old, new in _GGUF_T5_NAMES:
+        key = key.replace(old, new)
+    return key
 _NON_WEIGHTS = ("scaled_fp8", "spiece_model")  # ComfyUI's fp8 marker and embedded tokenizer bytes
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _DROP_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
@@ -288,8 +309,28 @@ def _pickle_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 @contextmanager
 def _open_tensors(path: Path) -> Iterator[_Tensors]:
-    """Key list, shapes and one-at-a-time reads of a safetensors file or a weights-only pickle."""
-    if _is_safetensors(path):
+    """Key list, shapes and one-at-a-time reads of a safetensors file, a GGUF (names made Hugging Face's,
+    tensors dequantised to float32 one at a time) or a weights-only pickle."""
+    with open(path, "rb") as f:
+        gguf_file = f.read(4) == GGUF_MAGIC
+    if gguf_file:
+        try:
+            tensors, meta = read_gguf(path)
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from err
+        arch = meta.get("general.architecture")
+        if isinstance(arch, str) and arch not in ("t5", "t5encoder"):
+            raise CheckpointError(f"{path} is a GGUF of a '{arch}' model, not a umT5 text encoder")
+        named = {gguf_t5_to_hf_key(k): t for k, t in tensors.items()}
+
+        def get(k: str) -> Tensor:
+            try:
+                return named[k].dequantize(torch.float32)
+            except GGUFError as err:
+                raise CheckpointError(str(err)) from err
+
+        yield _Tensors(list(named), lambda k: tuple(named[k].shape), get)
+    elif _is_safetensors(path):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:

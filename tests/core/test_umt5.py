@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -23,6 +24,7 @@ from causvid_core.umt5 import (
     UMT5Tokenizer,
     clean_prompt,
     find_tokenizer,
+    hf_to_wan_key,
     load_umt5,
     wan_to_hf_key,
 )
@@ -301,3 +303,46 @@ def test_text_encoder_end_to_end(tmp_path: Path) -> None:
     alone = enc.encode("a red cat")
     torch.testing.assert_close(alone[0], context[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(enc.encode(prompts), context)
+
+
+def test_a_gguf_umt5_encoder_loads_with_llama_cpp_names(tmp_path: Path) -> None:
+    """city96-style umt5-xxl-encoder GGUF files (llama.cpp's t5 names: enc.blk.N.attn_q, token_embd, ...)
+    load as the same encoder as the weights they hold (Q8_0 where a row fits whole blocks, else F32)."""
+    gguf = pytest.importorskip("gguf")
+    from causvid_core.umt5 import _GGUF_T5_NAMES
+
+    hf_state = _hf_state(_random_wan_state())
+    writer = gguf.GGUFWriter(str(tmp_path / "umt5-xxl-encoder-Q8_0.gguf"), arch="t5encoder")
+    stored = {}
+    for key, value in hf_state.items():
+        name = key
+        for old, new in reversed(_GGUF_T5_NAMES):  # Hugging Face's name -> llama.cpp's
+            name = name.replace(new, old)
+        data = value.float().numpy()
+        q8 = data.ndim == 2 and data.shape[1] % 32 == 0
+        kind = gguf.GGMLQuantizationType.Q8_0 if q8 else gguf.GGMLQuantizationType.F32
+        packed = gguf.quants.quantize(data, kind)
+        writer.add_tensor(name, packed, raw_dtype=kind)
+        stored[key] = torch.from_numpy(gguf.quants.dequantize(packed, kind).reshape(data.shape).copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    names = [t.name for t in gguf.GGUFReader(str(tmp_path / "umt5-xxl-encoder-Q8_0.gguf")).tensors]
+    assert {"token_embd.weight", "enc.blk.0.attn_q.weight", "enc.blk.1.ffn_gate.weight", "enc.output_norm.weight",
+            "enc.blk.0.attn_rel_b.weight"} <= set(names)  # fmt: skip
+    model = load_umt5(tmp_path / "umt5-xxl-encoder-Q8_0.gguf", "tiny", dtype=torch.float32)
+    wan = {k: v for k, v in model.state_dict().items()}
+    for key, value in stored.items():
+        assert torch.equal(wan[hf_to_wan_key(key)], value), key
+    ids, mask = _batch()
+    reference = _reference({hf_to_wan_key(k): v for k, v in stored.items()})
+    assert torch.equal(model(ids, mask), reference(ids, mask))
+    with pytest.raises(CheckpointError, match="is a GGUF of a 'wan' model, not a umT5 text encoder"):
+        bad = gguf.GGUFWriter(str(tmp_path / "dit.gguf"), arch="wan")
+        bad.add_tensor("x", np.zeros((2, 2), np.float32))
+        bad.write_header_to_file()
+        bad.write_kv_data_to_file()
+        bad.write_tensors_to_file()
+        bad.close()
+        load_umt5(tmp_path / "dit.gguf", "tiny")
