@@ -141,7 +141,8 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
     add("--no-recache", action="store_true", help="keep the cached window as it was at a prompt change")
     add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
-    add("--codec", choices=("h264", "h265"), default="h264", help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")
+    add("--codec", choices=("h264", "h265"), default="h264",
+        help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")  # fmt: skip
     add(
         "--colour-anchor",
         "--color-anchor",
@@ -517,7 +518,8 @@ def _v2v_arguments(parser: argparse.ArgumentParser) -> None:
     add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
     add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
     add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
-    add("--codec", choices=("h264", "h265"), default="h264", help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")
+    add("--codec", choices=("h264", "h265"), default="h264",
+        help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
     add("--speed", default="", help="comma list of speed options: ring, fused_qkv, compile, fp8 (CUDA)")

@@ -198,7 +198,8 @@ class CausVidRenderVideo:
                 "colour_anchor": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                     "hold each chunk's colours and contrast to the start's (after a prompt change: to the new "
                     "prompt's first chunk); 0 = off, 1 = matched. Changes the written frames only")}),
-                "codec": (["h264", "h265"], {"default": "h264", "tooltip": "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)"}),
+                "codec": (["h264", "h265"], {"default": "h264", "tooltip": (
+                    "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")}),
             },
         }  # fmt: skip
 
@@ -274,7 +275,8 @@ class CausVidStreamV2V:
             },
             "optional": {
                 "images": ("IMAGE",),
-                "codec": (["h264", "h265"], {"default": "h264", "tooltip": "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)"}),
+                "codec": (["h264", "h265"], {"default": "h264", "tooltip": (
+                    "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")}),
             },
         }  # fmt: skip
 
