@@ -5,7 +5,8 @@ Self-Forcing (``generator_ema`` preferred, FSDP / compile fragments), Wan2.1 saf
 sharded with an index), ComfyUI repackaged (``model.diffusion_model.`` prefix, fp16 / bf16 /
 scaled fp8), GGUF (ComfyUI-GGUF's quantised Wan files: Q8_0 ... Q2_K, F16, BF16), diffusers
 ``WanTransformer3DModel`` (folder or single file), and this package's own safetensors (config in the
-metadata). Quantised weights are dequantised one tensor at a time, on the target device. Everything is renamed to Wan's key names, checked key by key
+metadata). Quantised weights are dequantised one tensor at a time, on the target device (or, GGUF's,
+kept packed: ``load_model(packed=True)``). Everything is renamed to Wan's key names, checked key by key
 and shape by shape, and assigned into a model built on the ``meta`` device (no double allocation).
 Pickles are read only with ``torch.load(weights_only=True)``.
 """
@@ -40,7 +41,8 @@ LAYOUTS: dict[str, str] = {
     "wan-sharded": "Wan2.1 sharded safetensors with an index.json",
     "comfyui": "ComfyUI repackaged safetensors (model.diffusion_model. prefix)",
     "comfyui-fp8": "ComfyUI fp8 e4m3fn safetensors (weights dequantised with scale_weight)",
-    "gguf": "GGUF (ComfyUI-GGUF / llama.cpp container; quantised weights dequantised at load)",
+    "gguf": "GGUF (ComfyUI-GGUF / llama.cpp container; quantised weights unpacked at load, or per matmul "
+    "when kept packed)",
     "diffusers": "diffusers WanTransformer3DModel",
     "causvid-safetensors": "comfyui-causvid safetensors (config in the metadata)",
     "pickle": "torch pickle of a Wan state dict",
