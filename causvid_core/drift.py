@@ -47,6 +47,7 @@ class ColourTracker:
 
     strength: float = 0.0
     restart: frozenset[int] = frozenset()
+    free: frozenset[int] = frozenset()  # chunks of a prompt blend: measured, never pulled back
     reference: Tensor | None = None
     history: list[ChunkDrift] = field(default_factory=list)
 
@@ -56,8 +57,11 @@ class ColourTracker:
 
     @classmethod
     def for_timeline(cls, changes: Iterable[int], blend_chunks: int, strength: float = 0.0, **kw) -> ColourTracker:
-        """Restart at each prompt change of a timeline once its blend is over."""
-        return cls(strength, frozenset(k + blend_chunks for k in changes if k > 0), **kw)
+        """Restart at each prompt change of a timeline once its blend is over; leave the blend's chunks as they
+        come (their colours are meant to change)."""
+        changes = [k for k in changes if k > 0]
+        free = frozenset(k + i for k in changes for i in range(blend_chunks))
+        return cls(strength, frozenset(k + blend_chunks for k in changes), free, **kw)
 
     def __call__(self, index: int, frames: Tensor) -> Tensor:
         stats = colour_stats(frames)
@@ -66,7 +70,7 @@ class ColourTracker:
         ref = self.reference
         spread = (stats[1] / ref[1].clamp_min(1e-3)).mean().item()
         self.history.append(ChunkDrift(index, (stats[0] - ref[0]).abs().max().item(), spread))
-        if self.strength == 0 or torch.equal(stats, ref):
+        if self.strength == 0 or index in self.free or torch.equal(stats, ref):
             return frames
         s = self.strength
         mean, std = stats[0], stats[1].clamp_min(1e-3)

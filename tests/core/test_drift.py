@@ -47,12 +47,13 @@ def test_the_anchor_pulls_colours_back_by_its_strength(strength: float) -> None:
 
 def test_a_prompt_change_takes_a_new_reference_after_its_blend() -> None:
     tracker = ColourTracker.for_timeline([0, 3], blend_chunks=1, strength=1.0)
-    assert tracker.restart == {4}
+    assert tracker.restart == {4} and tracker.free == {3}
     tracker(0, _chunk(0))
     red = _chunk(5, offset=0.4)  # the new prompt's colours
-    for index in (3, 4, 5):
+    assert torch.equal(tracker(3, red), red)  # during the blend: measured against the old start, not pulled
+    for index in (4, 5):
         out = tracker(index, red)
-    assert tracker.history[1].mean_shift > 40  # during the blend: measured against the old start, and pulled
+    assert tracker.history[1].mean_shift > 40
     torch.testing.assert_close(out, red)  # from chunk 4 on, the new prompt's own colours are the reference
     assert tracker.history[-1].mean_shift == 0
 
