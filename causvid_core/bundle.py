@@ -115,7 +115,11 @@ def vae_file(vae: str | None, model: str = "") -> Path | None:
 
 
 def file_metadata(path: Path) -> dict[str, str]:
-    """Metadata of a safetensors file (headers only); {} for other formats."""
+    """This package's metadata of a safetensors or GGUF file (headers only); {} for other formats."""
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf import read_gguf
+
+        return {k: v for k, v in read_gguf(path)[1].items() if k.startswith("causvid_") and isinstance(v, str)}
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     from safetensors import safe_open

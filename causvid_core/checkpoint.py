@@ -327,7 +327,9 @@ def _read_gguf_file(path: Path) -> tuple[dict[str, QuantizedTensor], dict[str, s
             f"{path} is a GGUF of a '{arch}' model, not a Wan2.1 DiT: give a Wan GGUF (ComfyUI-GGUF's Wan "
             "files, architecture 'wan'), or the model's .safetensors"
         )
-    return tensors, {f"gguf.{k}": str(v) for k, v in metadata.items() if not isinstance(v, list)}
+    # this package's own keys (config, sampling, cache, fps, latent statistics: ``quantize``) pass as they are
+    return tensors, {(k if k.startswith("causvid_") else f"gguf.{k}"): str(v) for k, v in metadata.items()
+                     if not isinstance(v, list)}  # fmt: skip
 
 
 def _find_in_folder(folder: Path) -> tuple[Path, dict[str, str]]:
@@ -390,7 +392,7 @@ def _read_raw(path: Path, meta: bool = False) -> RawCheckpoint:
     if diffusers:
         sd = {diffusers_to_wan_key(k) or k: v for k, v in sd.items()}
     sd, scales, ignored = _split_scales(sd)
-    if META_KEY in metadata:
+    if META_KEY in metadata and layout != "gguf":
         layout = "causvid-safetensors"
     elif diffusers or '"WanTransformer3DModel"' in metadata.get("config.json", ""):
         layout = "diffusers"

@@ -230,7 +230,7 @@ def _natural_size(bundle) -> tuple[int, int]:
     path = None
     if name.startswith(EMBEDDED_PREFIX):
         path = embedded_file(name[len(EMBEDDED_PREFIX) :], "dit")
-    elif Path(name).is_file() and name.endswith(".safetensors"):
+    elif Path(name).is_file() and name.endswith((".safetensors", ".gguf")):
         path = Path(name)
     if path is not None:
         size = file_metadata(path).get(SIZE_META)
@@ -635,3 +635,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+# -- quantize -------------------------------------------------------------------------------------
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("source", help="a DiT checkpoint of any layout `inspect` reads, or embedded:NAME")
+    add("--type", choices=("Q8_0", "Q4_0", "F16", "BF16"), default="Q8_0",
+        help="the attention / FFN / embedding weights' type (Q8_0: 8.5 bits a weight, Q4_0: 4.5); norms, biases, "
+        "modulation and small tensors stay F32, as ComfyUI-GGUF's converter keeps them")  # fmt: skip
+    add("--out", required=True, help="the .gguf to write (written to FILE.partial, then renamed)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """Write a DiT as GGUF: Wan key names and architecture 'wan' (ComfyUI-GGUF reads it), plus this
+    package's config and streaming settings, so ``--model FILE.gguf`` and Load CausVid use it as the source."""
+    from .checkpoint import META_KEY, _pick_config, _read_raw
+    from .config import to_dict
+    from .gguf import quantize, write_gguf
+    from .hub import resolve_source
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"--out {out} should end in .gguf (the loaders tell the format by it)")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    name = str(args.source)
+    path = embedded_file(name[len(EMBEDDED_PREFIX) :], "dit") if name.startswith(EMBEDDED_PREFIX) else None
+    raw = _read_raw(resolve_source(path or args.source))
+    cfg, _ = _pick_config(raw, None)
+    meta = {k: v for k, v in (file_metadata(path or Path(args.source))).items() if k.startswith("causvid_")}
+    meta[META_KEY] = json.dumps(to_dict(cfg))
+    if path is not None and SIZE_META not in meta:  # an embedded model's natural size goes with it
+        meta[SIZE_META] = json.dumps([64, 64])
+    tensors = []
+    for key in sorted(raw.state_dict, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")]):
+        shape = tuple(raw.state_dict[key].shape)
+        count = int(np.prod(shape))
+        blocks_fit = args.type in ("F16", "BF16") or shape[-1] % 32 == 0
+        kind = args.type if len(shape) == 2 and count > 1024 and blocks_fit else "F32"
+        if len(shape) > 4:  # llama.cpp holds 4 dimensions: flattened, the shape in metadata (ComfyUI-GGUF's way)
+            meta[f"comfy.gguf.orig_shape.{key}"] = list(shape)
+            shape = (count // shape[-1], shape[-1])
+        tensors.append((key, shape, kind, lambda k=key, t=kind: quantize(raw.take(k, torch.float32), t)))
+    size = sum(int(np.prod(s)) for _, s, _, _ in tensors)
+    write_gguf(out, tensors, {"general.architecture": "wan", "general.name": Path(name).stem, **meta})
+    print(f"wrote {out}: {len(tensors)} tensors, {size:,} weights, {out.stat().st_size / 2**20:.1f} MB "
+          f"({args.type} where a weight matrix allows it, F32 elsewhere)")  # fmt: skip
+    return 0
+
+
+register(Subcommand("quantize", "write a DiT as a GGUF file (Q8_0, Q4_0, F16, BF16) for low-memory GPUs",
+                    _quantize_arguments, _quantize))  # fmt: skip

@@ -336,3 +336,97 @@ def read_gguf(path: str | Path) -> tuple[dict[str, QuantizedTensor], dict[str, A
             shape = [int(d) for d in orig]
         tensors[name] = QuantizedTensor(name, kind, torch.Size(shape), mm[begin : begin + nbytes])
     return tensors, metadata
+
+
+# -- writing ------------------------------------------------------------------------------------------
+_TYPE_IDS = {name: i for i, (name, _, _) in TYPES.items()}
+WRITABLE = ("Q8_0", "Q4_0", "F16", "BF16", "F32")
+
+
+def _roundf(x: Tensor) -> Tensor:
+    """C's roundf (halves away from zero), as ggml quantises; torch.round rounds halves to even."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def quantize(x: Tensor, kind: str) -> Tensor:
+    """float [..., n] -> the packed bytes (uint8, flat) of ``kind``, as ggml's reference quantisers make them."""
+    if kind not in WRITABLE:
+        raise GGUFError(f"cannot write {kind}: choose one of {', '.join(WRITABLE)}")
+    x = x.detach().float().reshape(-1)
+    if kind in _PLAIN:
+        return x.to(_PLAIN[kind]).contiguous().view(torch.uint8)
+    if x.numel() % 32:
+        raise GGUFError(f"{kind} needs a multiple of 32 values, got {x.numel()}")
+    blocks = x.view(-1, 32)
+    if kind == "Q8_0":
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = _roundf(blocks * inv).to(torch.int8).view(torch.uint8)
+        return torch.cat([d.half().view(torch.uint8), q], dim=1).reshape(-1)
+    # Q4_0: the value of largest magnitude maps to -8; q = trunc(x / d + 8.5), clipped to 0..15
+    peak = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    d = peak / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat([d.half().view(torch.uint8), packed], dim=1).reshape(-1)
+
+
+def _pack_value(value: Any) -> bytes:
+    """A metadata value as GGUF stores it: type id, then the value (strings, ints, floats, bools, lists)."""
+    if isinstance(value, bool):
+        return struct.pack("<I?", 7, value)
+    if isinstance(value, int):
+        return struct.pack("<Iq", 11, value) if not 0 <= value < 2**32 else struct.pack("<II", 4, value)
+    if isinstance(value, float):
+        return struct.pack("<If", 6, value)
+    if isinstance(value, str):
+        raw = value.encode()
+        return struct.pack("<IQ", 8, len(raw)) + raw
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return struct.pack("<IIQ", 9, 5, len(value)) + b"".join(struct.pack("<i", v) for v in value)
+    raise GGUFError(f"cannot store metadata value {value!r} in GGUF")
+
+
+def write_gguf(
+    path: str | Path,
+    tensors: list[tuple[str, tuple[int, ...], str, Any]],
+    metadata: dict[str, Any],
+    alignment: int = 32,
+) -> Path:
+    """Write a GGUF file: ``tensors`` are (name, torch-order shape, type, producer) where ``producer()`` gives
+    the packed bytes (``quantize``), called one tensor at a time so a large model is never whole in memory.
+    Written to a temporary name and renamed, so an interrupted write leaves no file under ``path``."""
+    import os
+
+    path = Path(path)
+    infos, offset = [], 0
+    for name, shape, kind, _ in tensors:
+        _, per_block, size = TYPES[_TYPE_IDS[kind]]
+        count = int(np.prod(shape)) if shape else 1
+        nbytes = count // per_block * size
+        infos.append((name, shape, kind, offset, nbytes))
+        offset += -(-nbytes // alignment) * alignment
+    head = bytearray(MAGIC + struct.pack("<IQQ", 3, len(tensors), len(metadata) + 1))
+    for key, value in {"general.alignment": alignment, **metadata}.items():
+        raw = key.encode()
+        head += struct.pack("<Q", len(raw)) + raw + _pack_value(value)
+    for name, shape, kind, off, _ in infos:
+        raw = name.encode()
+        head += struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(shape))
+        head += b"".join(struct.pack("<Q", d) for d in reversed(shape)) + struct.pack("<IQ", _TYPE_IDS[kind], off)
+    head += b"\0" * (-len(head) % alignment)
+    tmp = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for (name, _, _, producer), (_, _, _, _, nbytes) in zip(tensors, infos, strict=True):
+                data = producer().cpu().numpy().tobytes()
+                if len(data) != nbytes:
+                    raise GGUFError(f"{name}: {len(data)} bytes where its shape and type need {nbytes}")
+                f.write(data + b"\0" * (-nbytes % alignment))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -3,6 +3,7 @@ own Python package does, a quantised DiT loads through load_model / inspect, and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,46 @@ def test_the_gguf_benchmark_reports_size_speed_and_equality(tmp_path: Path) -> N
     assert row["type"] == "Q8_0" and row["max_abs_diff"] == 0.0
     assert row["packed_weights_mb"] < row["unpacked_weights_mb"] and row["forward_ratio"] > 0
     assert set(result["unpack_gbps"]) == set(_DEQUANT) and "cores" in result["machine"]
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "F16", "BF16"])
+def test_our_quantisers_write_the_bytes_llama_cpp_writes(kind: str) -> None:
+    from causvid_core.gguf import quantize
+
+    x = torch.randn(48, 96, generator=torch.Generator().manual_seed(4)) * 0.3
+    x[0, :32] = 0  # an all-zero block (scale 0) and exact halves, where rounding conventions differ
+    x[1, :32] = torch.arange(32) / 2
+    assert quantize(x, kind).numpy().tobytes() == gguf.quants.quantize(x.numpy(), T[kind]).tobytes()
+
+
+def test_quantize_writes_a_gguf_that_loads_as_the_same_streaming_model(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`python -m causvid_core quantize embedded:NAME --type Q8_0`: a GGUF llama.cpp's reader opens (Wan names,
+    architecture 'wan', the 5-D patch embedding flattened with its shape), that loads with the embedded model's
+    config, chunking, steps, fps and natural size, and streams close to the original."""
+    from causvid_core.bundle import load_bundle
+    from causvid_core.cli import _natural_size
+    from tests.helpers import make_embedded
+
+    make_embedded(tmp_path / "embedded", name="shapes")
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(tmp_path / "embedded"))
+    out = tmp_path / "shapes-Q8_0.gguf"
+    assert main(["quantize", "embedded:shapes", "--type", "Q8_0", "--out", str(out)]) == 0
+    assert re.search(r"wrote .*shapes-Q8_0.gguf: \d+ tensors", capsys.readouterr().out)
+    reader = gguf.GGUFReader(str(out))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blocks.0.self_attn.q.weight"] == "Q8_0" and kinds["blocks.0.norm3.weight"] == "F32"
+    assert reader.get_field("comfy.gguf.orig_shape.patch_embedding.weight") is not None
+    original, packed = load_bundle("embedded:shapes", dtype="float32"), load_bundle(out, dtype="float32")
+    assert packed.report.layout == "gguf" and vars(packed.model.config) == vars(original.model.config)
+    assert (packed.sampling, packed.causal, packed.fps) == (original.sampling, original.causal, original.fps)
+    assert _natural_size(packed) == (64, 64)
+    x = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    ctx = torch.randn(1, 8, original.model.config.text_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = original.model(x, torch.tensor([600.0]), ctx)
+        got = packed.model(x, torch.tensor([600.0]), ctx)
+    assert (got - want).norm() / want.norm() < 0.02
+    assert main(["quantize", "embedded:shapes", "--out", str(out)]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert main(["quantize", "embedded:shapes", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "should end in .gguf" in capsys.readouterr().err
