@@ -178,6 +178,9 @@ class _ProgressBar:
             return
         elapsed = time.perf_counter() - self.start
         fps = self.frames / elapsed if elapsed > 0 else 0.0
+        if self.total <= 0:  # a live source: no end to count down to
+            print(f"\r{done} chunks  {fps:5.1f} fps", end="", file=sys.stderr, flush=True)
+            return
         eta = elapsed / max(1, done - self.done0) * (self.total - done)
         bar = "#" * round(24 * done / max(1, self.total))
         print(f"\r[{bar:<24}] {done}/{self.total} chunks  {fps:5.1f} fps  eta {eta:5.0f} s", end="",
@@ -553,7 +556,7 @@ def _v2v(args: argparse.Namespace) -> int:
     width, height = args.width or width, args.height or height
     if width % 16 or height % 16:
         raise ValueError(f"--width and --height must be multiples of 16, got {width}x{height}")
-    limit = args.frames if args.frames is not None else seconds_to_frames(args.seconds, fps) if args.seconds else None
+    limit = args.frames if args.seconds is None else seconds_to_frames(args.seconds, fps)
     if limit is not None and limit < 1:
         raise ValueError(f"the length must be at least 1 frame, got {limit}")
 
