@@ -644,8 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("source", help="a DiT checkpoint of any layout `inspect` reads, or embedded:NAME")
-    add("--type", choices=("Q8_0", "Q4_0", "F16", "BF16"), default="Q8_0",
-        help="the attention / FFN / embedding weights' type (Q8_0: 8.5 bits a weight, Q4_0: 4.5); norms, biases, "
+    add("--type", choices=("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16"), default="Q8_0",
+        help="the attention / FFN / embedding weights' type (bits a weight: Q8_0 8.5, Q5_1 6, Q5_0 5.5, Q4_1 5, "
+        "Q4_0 4.5); norms, biases, "
         "modulation and small tensors stay F32, as ComfyUI-GGUF's converter keeps them")  # fmt: skip
     add("--out", required=True, help="the .gguf to write (written to FILE.partial, then renamed)")
     add("--overwrite", action="store_true", help="replace an existing --out file")
@@ -689,5 +690,5 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-register(Subcommand("quantize", "write a DiT as a GGUF file (Q8_0, Q4_0, F16, BF16) for low-memory GPUs",
+register(Subcommand("quantize", "write a DiT as a GGUF file (Q8_0 ... Q4_0, F16, BF16) for low-memory GPUs",
                     _quantize_arguments, _quantize))  # fmt: skip

@@ -340,7 +340,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, QuantizedTensor], dict[str, A
 
 # -- writing ------------------------------------------------------------------------------------------
 _TYPE_IDS = {name: i for i, (name, _, _) in TYPES.items()}
-WRITABLE = ("Q8_0", "Q4_0", "F16", "BF16", "F32")
+WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32")
 
 
 def _roundf(x: Tensor) -> Tensor:
@@ -363,13 +363,26 @@ def quantize(x: Tensor, kind: str) -> Tensor:
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = _roundf(blocks * inv).to(torch.int8).view(torch.uint8)
         return torch.cat([d.half().view(torch.uint8), q], dim=1).reshape(-1)
-    # Q4_0: the value of largest magnitude maps to -8; q = trunc(x / d + 8.5), clipped to 0..15
-    peak = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
-    d = peak / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
-    packed = q[:, :16] | (q[:, 16:] << 4)
-    return torch.cat([d.half().view(torch.uint8), packed], dim=1).reshape(-1)
+    levels = 16 if kind.startswith("Q4") else 32
+    if kind.endswith("_0"):  # symmetric: the value of largest magnitude maps to -levels/2
+        peak = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+        d = peak / -(levels // 2)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.trunc(blocks * inv + (levels // 2 + 0.5)).clamp(0, levels - 1).to(torch.uint8)
+        head = d.half().view(torch.uint8)
+    else:  # _1: min and step, q = trunc((x - min) / d + 0.5)
+        low, high = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+        d = (high - low) / (levels - 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.trunc((blocks - low) * inv + 0.5).clamp(0, levels - 1).to(torch.uint8)
+        head = torch.cat([d.half().view(torch.uint8), low.half().view(torch.uint8)], dim=1)
+    nibbles = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    if levels == 16:
+        return torch.cat([head, nibbles], dim=1).reshape(-1)
+    high_bits = (q >> 4).to(torch.int64) << torch.arange(32)  # bit j of qh: the fifth bit of value j
+    qh = high_bits.sum(dim=1, keepdim=True).to(torch.int64)
+    qh_bytes = torch.cat([((qh >> (8 * i)) & 0xFF) for i in range(4)], dim=1).to(torch.uint8)
+    return torch.cat([head, qh_bytes, nibbles], dim=1).reshape(-1)
 
 
 def _pack_value(value: Any) -> bytes:

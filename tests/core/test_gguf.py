@@ -215,7 +215,7 @@ def test_the_gguf_benchmark_reports_size_speed_and_equality(tmp_path: Path) -> N
     assert set(result["unpack_gbps"]) == set(_DEQUANT) and "cores" in result["machine"]
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "F16", "BF16"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16"])
 def test_our_quantisers_write_the_bytes_llama_cpp_writes(kind: str) -> None:
     from causvid_core.gguf import quantize
 
