@@ -426,14 +426,14 @@ def memory_line(job: RenderJob) -> str:
 
 def _memory(model: Any, causal: Any, h: int, w: int) -> str:
     from .gguf import PackedLinear
-    from .kv_cache import KVCache, format_bytes
+    from .kv_cache import CachePlan, format_bytes
 
     weight = next(model.parameters())
     held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     packed = sum(isinstance(m, PackedLinear) for m in model.modules())
-    args = (model.config, causal, 1, h, w, weight.dtype, getattr(model, "cache_layout", "compact"))
-    KVCache.check_fits(*args, device=weight.device)
-    cache = KVCache.describe(*args)
+    plan = CachePlan(model.config, causal, 1, h, w, weight.dtype, getattr(model, "cache_layout", "compact"))
+    plan.check_fits(weight.device)
+    cache = plan.describe()
     return (
         f"memory: weights {format_bytes(held)} on {weight.device}"
         + (f" ({packed} GGUF layers packed)" if packed else "")

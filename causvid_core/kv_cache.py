@@ -65,6 +65,56 @@ def free_bytes(device: torch.device | str) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """The cache a stream will allocate: its size, the line that says so, and whether it fits the device."""
+
+    dit: DiTConfig
+    causal: CausalConfig
+    batch: int
+    latent_height: int
+    latent_width: int
+    dtype: torch.dtype = torch.bfloat16
+    layout: CacheLayout = "compact"
+
+    @property
+    def nbytes(self) -> int:
+        dit = self.dit
+        tokens = KVCache.buffer_frames(self.causal, self.layout) * dit.tokens_per_frame(
+            self.latent_height, self.latent_width
+        )
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * dit.num_layers * self.batch * tokens * dit.num_heads * dit.head_dim * elem
+
+    def describe(self) -> str:
+        """One line saying what the cache will hold and its size, for before a render starts."""
+        c = self.causal
+        return (
+            f"KV cache {format_bytes(self.nbytes)}: {c.sink_chunks} sink + {c.window_chunks} window chunks of "
+            f"{KVCache.largest_chunk(c)} latent frames"
+            + (" + 1 spare (ring)" if self.layout == "ring" else "")
+            + f" at {self.latent_height}x{self.latent_width} latents, {self.dit.num_layers} layers"
+            + (f", batch {self.batch}" if self.batch > 1 else "")
+            + f", {str(self.dtype).removeprefix('torch.')}"
+        )
+
+    def check_fits(self, device: torch.device | str) -> None:
+        """Raise ``CacheTooLargeError`` (its size, the cost of one window chunk, the fixes) when the cache would
+        not fit in the device's free memory; a render calls it before it writes anything. A no-op where the
+        free memory cannot be told (CPU)."""
+        free = free_bytes(device)
+        if free is not None and self.nbytes > free:
+            raise CacheTooLargeError(self.too_large(free, device))
+
+    def too_large(self, free: int, device: torch.device | str) -> str:
+        one = replace(self, causal=replace(self.causal, sink_chunks=0, window_chunks=1), layout="compact")
+        return (
+            f"{self.describe()}, but {format_bytes(free)} of {device} is free. Lower the window "
+            f"(each window chunk holds {format_bytes(one.nbytes)}; the sink stays), the size or the batch, "
+            "or free GPU memory (a GGUF or the fp8 speed option makes the weights smaller)"
+        )
+
+
 @dataclass
 class KVCache:
     """Per-layer key/value buffers [B, capacity_tokens, heads, head_dim] plus chunk bookkeeping."""
@@ -107,83 +157,32 @@ class KVCache:
         cap = cls.buffer_frames(causal, layout) * tpf
         spare = cap - cls.capacity_frames(causal) * tpf
         shape = (batch, cap, dit.num_heads, dit.head_dim)
-        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
-        cls.check_fits(*args, device=device)
+        plan = CachePlan(dit, causal, batch, latent_height, latent_width, dtype, layout)
+        plan.check_fits(device)
         try:
             keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
             values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dit.num_layers)]
         except torch.OutOfMemoryError:
-            raise CacheTooLargeError(cls._too_large(args, free_bytes(device) or 0, device)) from None
+            raise CacheTooLargeError(plan.too_large(free_bytes(device) or 0, device)) from None
         return cls(
             keys, values, tpf, causal.sink_chunks, causal.window_chunks, causal.rope_mode,
             layout=layout, spare_tokens=spare,
         )  # fmt: skip
 
     @staticmethod
+    def largest_chunk(causal: CausalConfig) -> int:
+        """Latent frames of the largest chunk the cache stores (a longer first chunk counts)."""
+        return max(causal.chunk_frames, causal.first_chunk_frames or 0)
+
+    @staticmethod
     def capacity_frames(causal: CausalConfig) -> int:
-        largest = max(causal.chunk_frames, causal.first_chunk_frames or 0)
-        return (causal.sink_chunks + causal.window_chunks) * largest
+        return (causal.sink_chunks + causal.window_chunks) * KVCache.largest_chunk(causal)
 
     @staticmethod
     def buffer_frames(causal: CausalConfig, layout: CacheLayout = "compact") -> int:
         """Frames the buffers hold: the stored chunks, plus one chunk of room for ``"ring"``."""
-        extra = max(causal.chunk_frames, causal.first_chunk_frames or 0) if layout == "ring" else 0
+        extra = KVCache.largest_chunk(causal) if layout == "ring" else 0
         return KVCache.capacity_frames(causal) + extra
-
-    @classmethod
-    def describe(
-        cls,
-        dit: DiTConfig,
-        causal: CausalConfig,
-        batch: int,
-        latent_height: int,
-        latent_width: int,
-        dtype: torch.dtype = torch.bfloat16,
-        layout: CacheLayout = "compact",
-    ) -> str:
-        """One line saying what the cache will hold and its size, for before a render starts."""
-        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
-        largest = max(causal.chunk_frames, causal.first_chunk_frames or 0)
-        return (
-            f"KV cache {format_bytes(cls.estimate_bytes(*args))}: {causal.sink_chunks} sink + "
-            f"{causal.window_chunks} window chunks of {largest} latent frames"
-            + (" + 1 spare (ring)" if layout == "ring" else "")
-            + f" at {latent_height}x{latent_width} latents, {dit.num_layers} layers"
-            + (f", batch {batch}" if batch > 1 else "")
-            + f", {str(dtype).removeprefix('torch.')}"
-        )
-
-    @classmethod
-    def check_fits(
-        cls,
-        dit: DiTConfig,
-        causal: CausalConfig,
-        batch: int,
-        latent_height: int,
-        latent_width: int,
-        dtype: torch.dtype = torch.bfloat16,
-        layout: CacheLayout = "compact",
-        *,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        """Raise ``CacheTooLargeError`` (its size, the cost of one window chunk, the fixes) when the cache would not
-        fit in the device's free memory; a render calls it before it writes anything. A no-op where the free
-        memory cannot be told (CPU)."""
-        args = (dit, causal, batch, latent_height, latent_width, dtype, layout)
-        free = free_bytes(device)
-        if free is not None and cls.estimate_bytes(*args) > free:
-            raise CacheTooLargeError(cls._too_large(args, free, device))
-
-    @classmethod
-    def _too_large(cls, args: tuple, free: int, device: torch.device | str) -> str:
-        dit, causal, batch, h, w, dtype, layout = args
-        one = replace(causal, sink_chunks=0, window_chunks=1)
-        per_chunk = cls.estimate_bytes(dit, one, batch, h, w, dtype, "compact")
-        return (
-            f"{cls.describe(*args)}, but {format_bytes(free)} of {device} is free. Lower the window "
-            f"(each window chunk holds {format_bytes(per_chunk)}; the sink stays), the size or the batch, "
-            "or free GPU memory (a GGUF or the fp8 speed option makes the weights smaller)"
-        )
 
     @staticmethod
     def estimate_bytes(
@@ -196,9 +195,7 @@ class KVCache:
         layout: CacheLayout = "compact",
     ) -> int:
         """Bytes the cache will hold, to report before a render starts."""
-        tokens = KVCache.buffer_frames(causal, layout) * dit.tokens_per_frame(latent_height, latent_width)
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * dit.num_layers * batch * tokens * dit.num_heads * dit.head_dim * elem
+        return CachePlan(dit, causal, batch, latent_height, latent_width, dtype, layout).nbytes
 
     # -- reading ---------------------------------------------------------------------------
     @property

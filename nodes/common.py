@@ -74,15 +74,15 @@ def full_path(name: str, *folders: str) -> str:
 def make_room(model: torch.nn.Module, causal: Any, width: int, height: int, batch: int = 1) -> None:
     """Log what the KV cache will hold, and on a GPU ask the host to unload its other models until the cache
     fits; stop with its size and the fixes (before any file) when it still does not."""
-    from ..causvid_core.kv_cache import KVCache
+    from ..causvid_core.kv_cache import CachePlan
 
     weight = next(model.parameters())
     layout = getattr(model, "cache_layout", "compact")
-    args = (model.config, causal, batch, height // 8, width // 8, weight.dtype, layout)
-    LOG.info("CausVid: %s", KVCache.describe(*args))
+    plan = CachePlan(model.config, causal, batch, height // 8, width // 8, weight.dtype, layout)
+    LOG.info("CausVid: %s", plan.describe())
     if weight.device.type == "cuda":
-        mm.free_memory(int(KVCache.estimate_bytes(*args) * 1.1) + 2**28, weight.device)
-    KVCache.check_fits(*args, device=weight.device)
+        mm.free_memory(int(plan.nbytes * 1.1) + 2**28, weight.device)
+    plan.check_fits(weight.device)
 
 
 def device() -> torch.device:
