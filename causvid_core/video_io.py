@@ -249,24 +249,23 @@ def _open(path: str | Path, input_format: str | None = None) -> av.container.Inp
     """A video file, or with ``input_format`` a capture device or FFmpeg source (``v4l2`` and /dev/video0,
     ``avfoundation``, ``dshow``, ``lavfi`` and a filter graph)."""
     if input_format:
+        name = f"{path} ({input_format})"
         try:
             container = av.open(str(path), format=input_format)
         except av.error.FFmpegError as err:
             raise ValueError(f"cannot open {path} as {input_format} ({err}): is the device there and free?") from err
-        if not container.streams.video:
-            container.close()
-            raise ValueError(f"{path} ({input_format}) has no video stream")
-        return container
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as err:
-        raise ValueError(f"cannot read {path.name} as a video ({err}); is it a complete video file?") from err
+    else:
+        path = Path(path)
+        name = path.name
+        if not path.is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        try:
+            container = av.open(str(path))
+        except av.error.FFmpegError as err:
+            raise ValueError(f"cannot read {name} as a video ({err}); is it a complete video file?") from err
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{path.name} has no video stream")
+        raise ValueError(f"{name} has no video stream")
     return container
 
 

@@ -28,6 +28,8 @@ from .common import (
 from .sampling import context_latents, plan, stream_inputs
 
 LOG = logging.getLogger("causvid")
+CODEC_INPUT = (["h264", "h265"], {"default": "h264", "tooltip": (
+    "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")})  # fmt: skip
 
 _VAES = LRU(size=2)
 
@@ -198,8 +200,7 @@ class CausVidRenderVideo:
                 "colour_anchor": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                     "hold each chunk's colours and contrast to the start's (after a prompt change: to the new "
                     "prompt's first chunk); 0 = off, 1 = matched. Changes the written frames only")}),
-                "codec": (["h264", "h265"], {"default": "h264", "tooltip": (
-                    "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")}),
+                "codec": CODEC_INPUT,
             },
         }  # fmt: skip
 
@@ -275,8 +276,7 @@ class CausVidStreamV2V:
             },
             "optional": {
                 "images": ("IMAGE",),
-                "codec": (["h264", "h265"], {"default": "h264", "tooltip": (
-                    "h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")}),
+                "codec": CODEC_INPUT,
             },
         }  # fmt: skip
 
