@@ -96,9 +96,7 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
         help="embedded:NAME, a checkpoint file or folder, or hf://owner/repo/file"
         + (" (default: embedded:shapes)" if generate else ""),
     )
-    add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
-    add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
-    add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
+    _model_file_arguments(add)
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--image",
@@ -119,30 +117,13 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
         help="with --extend: continue from this time of the video instead of its end (re-render the rest "
         "with another prompt or seed)",
     )
-    prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", help="one prompt for the whole video")
-    prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
-    add(
-        "--schedule-unit",
-        choices=("second", "chunk", "frame"),
-        default="second",
-        help="unit of schedule times",
-    )
+    _prompt_arguments(parser, required=False)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, help="video length in seconds")
     length.add_argument("--frames", type=int, help="video length in frames")
-    add("--seed", type=int, default=0)
     add("--out", help="output .mp4 (parent folders are created)")
-    add("--width", type=int, help="multiple of 16 (default: the model's natural size)")
-    add("--height", type=int, help="multiple of 16 (default: the model's natural size)")
-    add("--fps", type=int, help="frames per second (default: the model's)")
-    add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
-    add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
-    add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
+    _stream_arguments(add)
     add("--no-recache", action="store_true", help="keep the cached window as it was at a prompt change")
-    add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
-    add("--codec", choices=("h264", "h265"), default="h264",
-        help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")  # fmt: skip
     add(
         "--colour-anchor",
         "--color-anchor",
@@ -152,6 +133,37 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
         help="0..1: hold each chunk's colours and contrast to the start's (after a prompt change, the new "
         "prompt's); the written frames only. Default 0 (off); the drift is reported either way",
     )
+    if not generate:
+        add("--resume", metavar="FILE", help="continue an interrupted render (its .mp4 or .mp4.resume)")
+
+
+def _model_file_arguments(add: Callable[..., Any]) -> None:
+    """The files beside a model: VAE, text encoder, tokenizer (render, generate, v2v)."""
+    add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
+    add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
+    add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
+
+
+def _prompt_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    prompts = parser.add_mutually_exclusive_group(required=required)
+    prompts.add_argument("--prompt", help="one prompt for the whole video")
+    prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
+    parser.add_argument("--schedule-unit", choices=("second", "chunk", "frame"), default="second",
+                        help="unit of schedule times")  # fmt: skip
+
+
+def _stream_arguments(add: Callable[..., Any]) -> None:
+    """How the stream runs and is written (render, generate, v2v)."""
+    add("--seed", type=int, default=0)
+    add("--width", type=int, help="multiple of 16 (default: the model's natural size)")
+    add("--height", type=int, help="multiple of 16 (default: the model's natural size)")
+    add("--fps", type=int, help="frames per second (default: the model's)")
+    add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
+    add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
+    add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
+    add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
+    add("--codec", choices=("h264", "h265"), default="h264",
+        help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
     add(
@@ -161,8 +173,6 @@ def _render_arguments(parser: argparse.ArgumentParser, generate: bool = False) -
     )
     add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--quiet", action="store_true", help="no progress bar")
-    if not generate:
-        add("--resume", metavar="FILE", help="continue an interrupted render (its .mp4 or .mp4.resume)")
 
 
 class _ProgressBar:
@@ -441,6 +451,11 @@ def _memory(model: Any, causal: Any, h: int, w: int) -> str:
     )
 
 
+def _wrote(out: Path, frames: int, fps: float, elapsed: float, load_s: float) -> str:
+    return (f"wrote {out}: {frames} frames ({frames / fps:.1f} s at {fps} fps) in {elapsed:.1f} s; "
+            f"model loaded in {load_s:.1f} s")  # fmt: skip
+
+
 def _render(args: argparse.Namespace, generate: bool = False) -> int:
     from .pipeline import num_chunks
     from .resume import render_to_file
@@ -477,8 +492,7 @@ def _render(args: argparse.Namespace, generate: bool = False) -> int:
         return 130
     bar.close()
     elapsed = time.perf_counter() - bar.start
-    print(f"wrote {job.out}: {state.frames_written} frames ({state.frames_written / job.request.fps:.1f} s at "
-          f"{job.request.fps} fps) in {elapsed:.1f} s; model loaded in {load_s:.1f} s")  # fmt: skip
+    print(_wrote(job.out, state.frames_written, job.request.fps, elapsed, load_s))
     print(state.colours.report())
     if generate and first:
         print(f"time to first frame: {first[0]:.2f} s (first chunk generated, decoded and written)")
@@ -496,38 +510,19 @@ register(Subcommand("generate", "render a prompt to an mp4 and print time to fir
 def _v2v_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--source", required=True, help="the video to restyle: a file, or with --source-format a device "
-        "(/dev/video0 with v4l2, '0' with avfoundation, 'video=NAME' with dshow)")  # fmt: skip
+        "(/dev/video0 with v4l2, '0' with avfoundation, 'video=NAME' with dshow); read at --fps and resized to "
+        "cover --width x --height, centre-cropped")  # fmt: skip
     add("--source-format", help="read --source as this FFmpeg input format (v4l2, avfoundation, dshow, lavfi)")
     add("--model", default="embedded:shapes", help="embedded:NAME, a checkpoint, or hf://... (default: embedded:shapes)")
-    add("--vae", help="VAE file, or embedded:NAME (default: the embedded model's own VAE)")
-    add("--text-encoder", help="umT5 weights for Wan checkpoints (embedded models carry their own)")
-    add("--tokenizer", help="umT5 tokenizer folder or file (default: found beside the text encoder)")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="what the video becomes")
-    prompts.add_argument("--schedule", metavar="FILE", help="a prompt schedule: lines 'TIME: prompt'")
-    add("--schedule-unit", choices=("second", "chunk", "frame"), default="second", help="unit of schedule times")
+    _model_file_arguments(add)
+    _prompt_arguments(parser, required=True)
     add("--strength", type=float, default=0.6, help="(0, 1]: how far each chunk is noised before it is denoised "
         "under the prompt (low keeps the source's layout, high takes the prompt's look); default 0.6")  # fmt: skip
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=float, help="stop after this much video (default: the whole source)")
     length.add_argument("--frames", type=int, help="stop after this many frames")
-    add("--seed", type=int, default=0)
     add("--out", required=True, help="output .mp4, written chunk by chunk (parent folders are created)")
-    add("--width", type=int, help="multiple of 16 (default: the model's natural size); the source is "
-        "resized to cover it and centre-cropped")  # fmt: skip
-    add("--height", type=int, help="multiple of 16 (default: the model's natural size)")
-    add("--fps", type=int, help="frames per second the source is read at and the output has (default: the model's)")
-    add("--steps", help="denoising steps like '1000,757,522' (default: the model's)")
-    add("--chunk-frames", type=int, help="latent frames per chunk (default: the model's)")
-    add("--blend", type=int, default=0, help="chunks over which a schedule's prompt change is blended")
-    add("--crf", type=int, default=18, help="H.264 / H.265 quality: lower is better (0-51)")
-    add("--codec", choices=("h264", "h265"), default="h264",
-        help="h265 (HEVC): often smaller files at the same quality (crf scales differ a little)")  # fmt: skip
-    add("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    add("--dtype", help="float32, bfloat16 or float16 (default: the file's)")
-    add("--speed", default="", help="comma list of speed options: ring, fused_qkv, compile, fp8 (CUDA)")
-    add("--overwrite", action="store_true", help="replace an existing --out file")
-    add("--quiet", action="store_true", help="no progress line")
+    _stream_arguments(add)
 
 
 def _v2v(args: argparse.Namespace) -> int:
@@ -605,8 +600,7 @@ def _v2v(args: argparse.Namespace) -> int:
         return 130
     bar.close()
     elapsed = time.perf_counter() - bar.start
-    print(f"wrote {out}: {state.frames_written} frames ({state.frames_written / fps:.1f} s at {fps} fps) in "
-          f"{elapsed:.1f} s; model loaded in {load_s:.1f} s")  # fmt: skip
+    print(_wrote(out, state.frames_written, fps, elapsed, load_s))
     print(f"time to first frame: {first[0]:.2f} s (first source chunk read, restyled, decoded and written)")
     print(f"frames per second: {state.frames_written / elapsed:.1f} (reading, decoding and writing included)")
     return 0
