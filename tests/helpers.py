@@ -103,3 +103,16 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return types
+
+
+def vae_round_trip(frames):
+    """What embedded:shapes' VAE (CAUSVID_EMBEDDED_PATH's in tests) makes of uint8 [T, H, W, 3] frames:
+    encoded, then decoded, as uint8."""
+    from causvid_core.bundle import embedded_file
+    from causvid_core.vae import load_wan_vae
+
+    vae = load_wan_vae(embedded_file("shapes", "vae"))
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video))[0]
+    return ((out.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from causvid_core.cli import main
 from causvid_core.kv_cache import KVCache, format_bytes
 from causvid_core.resume import load_sidecar, sidecar_path
 from causvid_core.video_io import VideoWriter, probe_video, psnr, read_video
-from tests.helpers import make_embedded
+from tests.helpers import vae_round_trip
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a red circle moving right"
@@ -30,18 +29,21 @@ PROMPT = "a red circle moving right"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def embedded_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embedded")
-    make_embedded(root, name="shapes")
-    return root
+class FullDisk(VideoWriter):
+    """A disk that fills up after 21 frames: chunk 2 on."""
+
+    def write(self, frames):
+        if self.frames_written >= 21:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().write(frames)
 
 
-@pytest.fixture
-def env(embedded_root: Path, monkeypatch) -> dict[str, str]:
-    """A tiny random model laid out as embedded:shapes, for this process and its children."""
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(embedded_root))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def stop_on_full_disk(monkeypatch, env: dict[str, str], argv: list[str]) -> None:
+    """Run a render that a full disk stops after two chunks (exit 2), then give the real writer back."""
+    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
+    assert main(argv) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
 
 
 def render_args(out: Path, *extra: str, frames: int = 33) -> list[str]:
@@ -195,22 +197,13 @@ def test_resume_needs_an_interrupted_render(env, tmp_path: Path, capsys) -> None
 
 
 def test_full_disk_exits_2_and_resume_finishes(env, tmp_path: Path, capsys, monkeypatch) -> None:
-    class FullDisk(VideoWriter):
-        def write(self, frames):
-            if self.frames_written >= 21:  # chunk 2 on
-                raise OSError(errno.ENOSPC, "No space left on device")
-            super().write(frames)
-
     out = tmp_path / "out.mp4"
-    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
-    assert main(render_args(out, "--quiet")) == 2
+    stop_on_full_disk(monkeypatch, env, render_args(out, "--quiet"))
     assert re.search(
         r"error: the disk holding .* is full: stopped after 2 of 3 chunks \(21 frames",
         capsys.readouterr().err,
     )
     assert probe_video(out).frames == 21 and sidecar_path(out).exists()
-    monkeypatch.undo()
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
     assert main(["render", "--resume", str(sidecar_path(out)), "--device", "cpu", "--quiet"]) == 0
     assert probe_video(out).frames == 33
 
@@ -218,17 +211,8 @@ def test_full_disk_exits_2_and_resume_finishes(env, tmp_path: Path, capsys, monk
 def test_h265_render_stopped_and_resumed_is_one_hevc_file(env, tmp_path: Path, capsys, monkeypatch) -> None:
     import av
 
-    class FullDisk(VideoWriter):
-        def write(self, frames):
-            if self.frames_written >= 21:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            super().write(frames)
-
     out = tmp_path / "out.mp4"
-    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
-    assert main(render_args(out, "--quiet", "--codec", "h265")) == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    stop_on_full_disk(monkeypatch, env, render_args(out, "--quiet", "--codec", "h265"))
     assert main(["render", "--resume", str(out), "--device", "cpu", "--quiet"]) == 0
     with av.open(str(out)) as f:  # joined from two parts, still HEVC tagged for Apple's players
         assert f.streams.video[0].codec_context.name == "hevc" and f.streams.video[0].codec_tag == "hvc1"
@@ -315,17 +299,6 @@ def test_a_render_started_with_relative_paths_resumes_from_any_folder(env, embed
     assert probe_video(out).frames == 33 and not sidecar_path(out).exists()
 
 
-def _vae_round_trip(frames: np.ndarray) -> np.ndarray:
-    """What the test model's VAE makes of uint8 [T, H, W, 3] frames: encoded, then decoded."""
-    from causvid_core.vae import load_wan_vae
-
-    vae = load_wan_vae(embedded_file("shapes", "vae"))
-    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    with torch.no_grad():
-        out = vae.decode(vae.encode(video))[0]
-    return ((out.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
 def test_image_to_video_starts_from_the_picture_and_resumes(env, tmp_path: Path, capsys, monkeypatch) -> None:
     """--image: the video's first frame is the picture (cover-resized and centre-cropped to 32x32, through the
     VAE); the length counts it. A render stopped by a full disk resumes to the frames of one that was not."""
@@ -340,20 +313,11 @@ def test_image_to_video_starts_from_the_picture_and_resumes(env, tmp_path: Path,
     assert main(render_args(straight, "--quiet", "--image", str(tmp_path / "first.png"))) == 0
     video = read_video(straight)
     assert video.shape == (33, 32, 32, 3)
-    expected = _vae_round_trip(fit_frames(picture[None], 32, 32))[0]
+    expected = vae_round_trip(fit_frames(picture[None], 32, 32))[0]
     assert psnr(video[0], expected) > 30 and psnr(video[0], video[5]) < psnr(video[0], expected) - 5
 
-    class FullDisk(VideoWriter):
-        def write(self, frames):
-            if self.frames_written >= 21:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            super().write(frames)
-
     stopped = tmp_path / "stopped.mp4"
-    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
-    assert main(render_args(stopped, "--quiet", "--image", str(tmp_path / "first.png"))) == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    stop_on_full_disk(monkeypatch, env, render_args(stopped, "--quiet", "--image", str(tmp_path / "first.png")))
     Image.fromarray(picture[::-1].copy()).save(tmp_path / "first.png")  # another picture under the same name
     capsys.readouterr()
     assert main(["render", "--resume", str(stopped), "--device", "cpu", "--quiet"]) == 2
@@ -390,7 +354,7 @@ def test_extend_continues_a_video_from_its_last_frames(env, tmp_path: Path, caps
     assert torch.equal(job.context_latents, encoded(src[-33:]))
     assert not torch.allclose(job.context_latents, encoded(src[:33]), atol=1e-3)
     with VideoWriter(tmp_path / "round_trip.mp4", fps=16, crf=18) as writer:  # the same H.264 coding
-        writer.write(_vae_round_trip(src[-33:]))
+        writer.write(vae_round_trip(src[-33:]))
     assert psnr(video[:33], read_video(tmp_path / "round_trip.mp4")) > 28
     capsys.readouterr()
     assert main(render_args(tmp_path / "short.mp4", "--extend", str(source), frames=5)) == 2
@@ -431,17 +395,8 @@ def test_colour_anchor_holds_the_colours_to_the_start_and_resumes(env, tmp_path:
     drift_held = np.abs(chunk_means(read_video(held))[1:] - chunk_means(read_video(held))[0]).max()
     assert drift_free > 3 and drift_held < 2.0, (drift_free, drift_held)
 
-    class FullDisk(VideoWriter):
-        def write(self, frames):
-            if self.frames_written >= 21:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            super().write(frames)
-
     stopped = tmp_path / "stopped.mp4"
-    monkeypatch.setattr("causvid_core.resume.VideoWriter", FullDisk)
-    assert main(render_args(stopped, "--quiet", "--colour-anchor", "1", frames=65)) == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", env["CAUSVID_EMBEDDED_PATH"])
+    stop_on_full_disk(monkeypatch, env, render_args(stopped, "--quiet", "--colour-anchor", "1", frames=65))
     assert main(["render", "--resume", str(stopped), "--device", "cpu", "--quiet"]) == 0
     assert psnr(read_video(stopped), read_video(held)) > 40
     assert main(render_args(tmp_path / "bad.mp4", "--colour-anchor", "2")) == 2

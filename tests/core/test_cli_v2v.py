@@ -9,27 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from causvid_core.bundle import embedded_file
 from causvid_core.cli import main
 from causvid_core.video_io import VideoWriter, probe_video, psnr, read_video
-from tests.helpers import make_embedded
+from tests.helpers import vae_round_trip
 
 PROMPT = "a red circle moving right"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def embedded_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embedded")
-    make_embedded(root, name="shapes")
-    return root
-
-
-@pytest.fixture
-def env(embedded_root: Path, monkeypatch) -> None:
-    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(embedded_root))
 
 
 def v2v_args(source: str, out: Path, *extra: str) -> list[str]:
@@ -49,16 +35,6 @@ def source(tmp_path: Path) -> Path:
     return path
 
 
-def _round_trip(frames: np.ndarray) -> np.ndarray:
-    from causvid_core.vae import load_wan_vae
-
-    vae = load_wan_vae(embedded_file("shapes", "vae"))
-    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    with torch.no_grad():
-        out = vae.decode(vae.encode(video))[0]
-    return ((out.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
 def test_a_file_is_restyled_frame_for_frame_and_a_low_strength_keeps_it(env, source: Path, tmp_path: Path, capsys) -> None:
     from causvid_core.video_io import fit_frames
 
@@ -73,7 +49,7 @@ def test_a_file_is_restyled_frame_for_frame_and_a_low_strength_keeps_it(env, sou
     assert main(v2v_args(str(source), kept, "--strength", "0.01")) == 0
     # a low strength: each chunk barely re-noised: close to the source through the VAE and H.264 (the first
     # two chunks, 9 + 12 frames, are a causal VAE's round trip of the source's first 21 frames)
-    expected = _round_trip(fit_frames(read_video(source)[:21], 32, 32))
+    expected = vae_round_trip(fit_frames(read_video(source)[:21], 32, 32))
     with VideoWriter(tmp_path / "expected.mp4", fps=16, crf=18) as writer:
         writer.write(expected)
     coded = read_video(tmp_path / "expected.mp4")
