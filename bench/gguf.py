@@ -4,9 +4,9 @@
     python -m bench.gguf --layers 30 --device cuda        # the whole 1.3B on a GPU
     python -m bench.gguf --quick                          # seconds, for a smoke test
 
-Random weights at Wan2.1-1.3B's width (dim 1536, ffn 8960, 12 heads), written as a GGUF the way
-ComfyUI-GGUF's converter writes one (block linears quantised, small tensors F32; needs the ``gguf``
-package of the test extra), then loaded twice: unpacked to the compute dtype (``load_model``) and packed
+Random weights at Wan2.1-1.3B's width (dim 1536, ffn 8960, 12 heads), written as a GGUF by
+``python -m causvid_core quantize`` (block linears quantised, small tensors F32, as ComfyUI-GGUF's converter
+writes them), then loaded twice: unpacked to the compute dtype (``load_model``) and packed
 (``load_model(packed=True)``, what the nodes and the CLI do). Figures per type:
 - file_mb, weights_mb (parameters and buffers as loaded), load_s;
 - forward_ms: one denoising forward pass of one 3-latent-frame chunk (median of --repeats), and the
@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -32,29 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from causvid_core.checkpoint import load_model
+from causvid_core.checkpoint import load_model, save_model
+from causvid_core.cli import main as quantize_command
 from causvid_core.config import DiTConfig
 from causvid_core.gguf import _DEQUANT, TYPES, QuantizedTensor, unpack
 from causvid_core.model import CausalWanModel
-
-
-def _write(path: Path, model: CausalWanModel, kind: Any) -> None:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch="wan")
-    for key, value in model.state_dict().items():
-        data = value.float().numpy()
-        t = gguf.GGMLQuantizationType.F32
-        if data.ndim == 2 and data.shape[-1] % 32 == 0 and data.size > 1024:
-            t = kind
-        elif data.ndim > 4:
-            writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(d) for d in data.shape])
-            data = data.reshape(-1, data.shape[-1])
-        writer.add_tensor(key, gguf.quants.quantize(data, t), raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _machine() -> str:
@@ -123,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--types",
         default="Q8_0,Q4_0",
-        help="GGUF types to write (gguf-py can write Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)",
+        help="GGUF types to write (any of `python -m causvid_core quantize --type`)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU)")
@@ -131,11 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small width and size, for a smoke test")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
-    try:
-        import gguf
-    except ImportError:
-        print("bench.gguf needs the gguf package: pip install -e '.[test]'", file=sys.stderr)
-        return 2
     if args.quick:
         cfg = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=1, freq_dim=32, text_dim=64)
         args.height = args.width = 64
@@ -153,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = torch.randn(1, 32, cfg.text_dim, generator=gen).to(args.device, dtype)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        source = save_model(model, Path(tmp) / "wan.safetensors")
         for name in args.types.split(","):
             path = Path(tmp) / f"wan-{name}.gguf"
-            _write(path, model, gguf.GGMLQuantizationType[name.strip()])
+            if quantize_command(["quantize", str(source), "--type", name.strip(), "--out", str(path)]) != 0:
+                return 2
             row: dict[str, Any] = {"type": name, "file_mb": round(path.stat().st_size / 2**20, 1)}
             outs = {}
             for mode, packed in (("unpacked", False), ("packed", True)):
