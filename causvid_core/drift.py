@@ -25,9 +25,6 @@ class ChunkDrift:
     mean_shift: float  # largest per-channel change of the mean colour
     contrast: float  # mean per-channel ratio of spreads (1: the reference's contrast; below: faded)
 
-    def summary(self) -> str:
-        return f"chunk {self.index}: colour shift {self.mean_shift:.1f}, contrast x{self.contrast:.2f}"
-
 
 def colour_stats(frames: Tensor) -> Tensor:
     """Per-channel mean and standard deviation of frames [B, 3, T, H, W] (-1..1) as [2, 3] in 0-255 units."""
