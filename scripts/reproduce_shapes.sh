@@ -10,7 +10,8 @@ PY=${PYTHON:-python}
 RUNS=${RUNS:-runs}
 RUN="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
-VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder (versions 6-11); the VAE stage's own before it
+VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder of versions 6-12, and the one Table 4 and Figure 8 compare
+# every DiT through (version 14 ships vae-student, fitted to ours: below); the VAE stage's own before it
 [ -f "$VAE" ] || VAE="$RUN/vae/final.safetensors"
 OUT="$RUN/eval"
 PROMPTS=${PROMPTS:-64}
@@ -67,6 +68,19 @@ ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompt
    "$OUT/drift-causal-dmd.json=ODE init + causal teacher (DMD)" \
    "$OUT/drift-bidirectional-dmd.json=ODE init + bidirectional teacher" --drift "$OUT/figure8.png"
 
-# Zero-shot applications of ours.
-"$PY" -m training.zero_shot --model "$RUN/ode-init-causal-teacher/final.safetensors" --vae "$VAE" \
+# Version 14 ships a decoder fine-tuned on ours' own latents (vae-student): ours through it, beside the rows
+# above, which compare the DiTs through vae-decoder (none of them was fitted to it)
+OWN="$RUN/vae-student/final.safetensors"
+if [ -f "$OWN" ]; then
+  "$PY" -m training.eval --model "$RUN/ode-init-causal-teacher/final.safetensors" --vae "$OWN" --prompts "$PROMPTS" \
+     --seconds 2.0625 --json "$OUT/table4-ours-own-decoder.json"
+  "$PY" -m training.eval --model "$RUN/ode-init-causal-teacher/final.safetensors" --vae "$OWN" \
+     --prompts "$DRIFT_PROMPTS" --seconds 120 --json "$OUT/drift-ours-own-decoder.json" \
+     --drift "$OUT/drift-ours-own-decoder.png"
+else
+  OWN="$VAE"
+fi
+
+# Zero-shot applications of ours, through the decoder it ships with.
+"$PY" -m training.zero_shot --model "$RUN/ode-init-causal-teacher/final.safetensors" --vae "$OWN" \
    --json "$OUT/zero-shot.json"

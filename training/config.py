@@ -220,6 +220,16 @@ class VAETrainConfig(RunConfig):
     adv_weight: float = 0.0
     disc_channels: int = 32  # the discriminator's first width (then 2x)
     disc_lr: float | None = None  # the discriminator's lr (default --lr); on the same schedule as the VAE's
+    # decoder fine-tune only: a student DiT checkpoint (its run's ode-init or dmd final) whose own latents the
+    # decoder also learns, each with the video the student meant (training/student_clips.py: the prompt's object
+    # drawn exactly along the student's smoothed path). The shipped student writes the shape code right in every
+    # latent frame, and decoders fitted to the encoder's latents draw it as a blob; this teaches them its latents
+    student: str | None = None
+    student_clips: int = 800  # clips made from --student (kept in the stage's folder; about 0.55 s each on 2 cores)
+    student_batch: int = 2  # --student clips per step, beside --batch-size clips of the encoder's latents
+    # each --student clip's latents also move by one offset per channel, this many of the init's latent stds: the
+    # student's latents drift off their 2-second selves over minutes, which the clips (2 seconds each) never show
+    student_shift: float = 0.0
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 
@@ -296,7 +306,9 @@ def stage_name(cfg: RunConfig) -> str:
     if isinstance(cfg, TeacherConfig):
         return "teacher-causal" if cfg.kind == "causal" else "teacher"
     if isinstance(cfg, VAETrainConfig):
-        return "vae-decoder" if cfg.decoder_only else "vae"
+        if cfg.decoder_only:
+            return "vae-student" if cfg.student else "vae-decoder"
+        return "vae"
     if isinstance(cfg, DMDConfig):
         name = "dmd"
         if cfg.skip_ode_init:

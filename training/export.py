@@ -36,6 +36,8 @@ STAGES = ("vae-images", "vae-colour", "vae-clips", "vae-shape", "vae-code", "vae
           "latents", "teacher-base", "teacher", "ode-pairs", "ode-init", "dmd")
 # a student distilled from the causal teacher (fine-tuned from the bidirectional one, since version 5 in two
 # runs: teacher-causal-base, continued into teacher-causal) comes from this chain
+# the decoder fine-tuned on the shipped student's own latents (vae --student, since version 14): after the student
+STUDENT_DECODER = "vae-student"
 CAUSAL_CHAIN = ("teacher-causal-base", "teacher-causal", "ode-pairs-causal-teacher", "ode-init-causal-teacher", "dmd-causal-teacher")
 
 
@@ -43,8 +45,19 @@ def recipe_stages(dit_stage: str) -> tuple[str, ...]:
     """The stage folders behind the shipped student, in recipe order, up to the student's own (versions 6
     to 10 ship the causal chain's ODE-init student: the DMD run after it is a Table 4 row, not behind it)."""
     if dit_stage in CAUSAL_CHAIN:
-        return STAGES[: STAGES.index("ode-pairs")] + CAUSAL_CHAIN[: CAUSAL_CHAIN.index(dit_stage) + 1]
-    return STAGES[: STAGES.index(dit_stage) + 1] if dit_stage in STAGES else STAGES
+        chain = STAGES[: STAGES.index("ode-pairs")] + CAUSAL_CHAIN[: CAUSAL_CHAIN.index(dit_stage) + 1]
+    else:
+        chain = STAGES[: STAGES.index(dit_stage) + 1] if dit_stage in STAGES else STAGES
+    return (*chain, STUDENT_DECODER)  # left out of the card where the run has none
+
+
+def shipped_vae(run: Path) -> Path:
+    """The VAE an export ships: the decoder fine-tuned on the student's own latents (vae-student) when the run
+    has one, else the fine-tuned decoder (vae-decoder), else the VAE stage's own; all share one encoder."""
+    for folder in (STUDENT_DECODER, "vae-decoder"):
+        if (run / folder / "final.safetensors").is_file():
+            return run / folder / "final.safetensors"
+    return run / "vae" / "final.safetensors"
 
 
 def _half(src: Path, dst: Path, extra: dict[str, str] | None = None) -> int:
@@ -189,9 +202,7 @@ def export(run: Path, out: Path, dit_stage: str = "dmd", teacher: bool = True,
            teacher_stage: str = "teacher") -> dict[str, int]:  # fmt: skip
     """Write the embedded model folder; returns file sizes. Raises ValueError naming a missing stage.
     ``teacher_stage``: the folder of the teacher shipped as teacher.safetensors."""
-    vae = run / "vae-decoder" / "final.safetensors"  # the fine-tuned decoder (same encoder), when run
-    if not vae.is_file():
-        vae = run / "vae" / "final.safetensors"
+    vae = shipped_vae(run)
     needed = {"vae": vae, dit_stage: run / dit_stage / "final.safetensors"}
     if teacher:
         needed[teacher_stage] = run / teacher_stage / "final.safetensors"

@@ -11,6 +11,7 @@ length. After the last step the per-channel statistics of the posterior means ov
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,7 +27,7 @@ from causvid_core.bundle import file_metadata, latent_stats_json
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
-from .config import CENTROID_READS, ConfigError, VAETrainConfig
+from .config import CENTROID_READS, ConfigError, VAETrainConfig, stage_dir, stage_name
 from .data import run_vae_path
 from .shapes import DIRECTION_VECTORS, SHAPE_NAMES, ShapesDataset, parse_prompt
 from .state import Trainable, save_weights
@@ -378,6 +379,38 @@ def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
     return vae.decoder(vae.conv2(z, state), state)
 
 
+def pixel_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(weighted L1 + MSE, L1, MSE) of a reconstruction, the object's pixels weighted ``--object-weight``."""
+    weight = pixel_weights(video, cfg.object_weight)
+    l1 = ((recon - video).abs() * weight).mean()
+    mse = ((recon - video).square() * weight).mean()
+    return cfg.l1_weight * l1 + cfg.mse_weight * mse, l1, mse
+
+
+def picture_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, dict[str, float]]:
+    """Every term that compares a drawing with the video it should be (pixels, cell colours, the
+    segmentation, the centroid, the object's colour), weighted by ``cfg``; with the parts for the log."""
+    loss, l1, mse = pixel_loss(recon, video, cfg)
+    parts = {"l1": float(l1.detach()), "mse": float(mse.detach())}
+    if cfg.colour_weight > 0:  # the low-frequency part of the error, weighted up: cell colours
+        colour = (F.avg_pool3d(recon.float(), (1, 8, 8)) - F.avg_pool3d(video.float(), (1, 8, 8))).square().mean()
+        loss = loss + cfg.colour_weight * colour
+        parts["colour"] = float(colour.detach())
+    if cfg.mask_weight > 0:
+        mask = mask_loss(recon, video)
+        loss = loss + cfg.mask_weight * mask
+        parts["mask"] = float(mask.detach())
+    if cfg.centroid_weight > 0:
+        centroid = centroid_loss(recon, video, cfg.centroid_read, cfg.centroid_motion)
+        loss = loss + cfg.centroid_weight * centroid
+        parts["centroid"] = float(centroid.detach())
+    if cfg.object_colour_weight > 0:
+        obj = object_colour_loss(recon, video)
+        loss = loss + cfg.object_colour_weight * obj
+        parts["object_colour"] = float(obj.detach())
+    return loss, parts
+
+
 def vae_loss(
     vae: WanVAE, video: Tensor, eps: Tensor, cfg: VAETrainConfig, guide: float = 0.0,
     shapes: Tensor | None = None, latent_noise: Tensor | None = None, directions: Tensor | None = None,
@@ -414,33 +447,10 @@ def vae_loss_and_recon(
     if latent_noise is not None:
         z = z + latent_noise
     recon = reconstruct(vae, z)
-    weight = pixel_weights(video, cfg.object_weight)
-
-    def recon_loss(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        l1 = ((out - video).abs() * weight).mean()
-        mse = ((out - video).square() * weight).mean()
-        return cfg.l1_weight * l1 + cfg.mse_weight * mse, l1, mse
-
-    rec, l1, mse = recon_loss(recon)
+    rec, parts = picture_loss(recon, video, cfg)
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
     loss = rec + cfg.kl_weight * kl
-    parts = {"l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
-    if cfg.colour_weight > 0:  # the low-frequency part of the error, weighted up: cell colours
-        colour = (F.avg_pool3d(recon.float(), (1, 8, 8)) - F.avg_pool3d(video.float(), (1, 8, 8))).square().mean()
-        loss = loss + cfg.colour_weight * colour
-        parts["colour"] = float(colour.detach())
-    if cfg.mask_weight > 0:
-        mask = mask_loss(recon, video)
-        loss = loss + cfg.mask_weight * mask
-        parts["mask"] = float(mask.detach())
-    if cfg.centroid_weight > 0:
-        centroid = centroid_loss(recon, video, cfg.centroid_read, cfg.centroid_motion)
-        loss = loss + cfg.centroid_weight * centroid
-        parts["centroid"] = float(centroid.detach())
-    if cfg.object_colour_weight > 0:
-        obj = object_colour_loss(recon, video)
-        loss = loss + cfg.object_colour_weight * obj
-        parts["object_colour"] = float(obj.detach())
+    parts["kl"] = float(kl.detach())
     codes = (("--shape-weight", cfg.shape_weight, shape_code_loss, shapes, "shape_code", "the shape"),
              ("--motion-weight", cfg.motion_weight, motion_code_loss, directions, "motion_code", "the direction"),
              ("--colour-code-weight", cfg.colour_code_weight, colour_code_loss, colours, "colour_code",
@@ -460,7 +470,7 @@ def vae_loss_and_recon(
         parts |= {"guide_latent": float(guide_lat.detach())}
     elif guide > 0:
         target = guide_latent(video, vae.z_dim, cfg.guide).to(mu)
-        guide_rec = recon_loss(reconstruct(vae, target))[0]
+        guide_rec = pixel_loss(reconstruct(vae, target), video, cfg)[0]
         guide_lat = (mu - target).square().mean()
         loss = loss + guide * (guide_lat + guide_rec)
         parts |= {"guide_latent": float(guide_lat.detach()), "guide_recon": float(guide_rec.detach())}
@@ -734,8 +744,17 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     init_posterior(raw)
     init_stats = None
     frames_only_init = False  # an --init that never saw a clip: its temporal layers are at their random init
+    if cfg.student is not None and not cfg.decoder_only:
+        raise ConfigError(f"--student {cfg.student}: a decoder fine-tune learns a student's latents; add "
+                          "--decoder-only true")  # fmt: skip
+    if cfg.student is not None and (cfg.student_clips < 1 or cfg.student_batch < 1):
+        raise ConfigError(f"--student-clips {cfg.student_clips} / --student-batch {cfg.student_batch}: "
+                          "use at least 1 of each with --student")  # fmt: skip
+    if cfg.student_shift < 0 or (cfg.student_shift > 0 and cfg.student is None):
+        raise ConfigError(f"--student-shift {cfg.student_shift}: offsets for --student's latents in latent stds; "
+                          "use a value >= 0 with --student")  # fmt: skip
     if cfg.decoder_only or cfg.init:
-        init_path = Path(cfg.init) if cfg.init else run_vae_path(cfg)
+        init_path = Path(cfg.init) if cfg.init else _default_init(cfg)
         # a decoder fine-tune may widen the init's decoder (--arch.decoder-dim-mult): the latents stay the same
         init_stats = load_init(raw, init_path, widen=cfg.decoder_only, seed=cfg.seed)
         frames_only_init = clip_steps_of(init_path) == 0
@@ -802,6 +821,10 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if not cfg.init:
             raise ConfigError("--temporal-only needs --init: the VAE whose image network it keeps")
         _say(ctx, f"temporal layers only: {train_temporal_only(raw) / 1e6:.3f}M weights train")
+    student = None  # (latents, targets) of --student's own clips
+    if cfg.student is not None:
+        student = _student_data(cfg, ctx, init_path)
+        _say(ctx, f"{len(student[0])} clips of {cfg.student}'s own latents, {cfg.student_batch} per step")
     n = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     _say(
         ctx,
@@ -873,6 +896,18 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             loss, parts, recon = vae_loss_and_recon(model.module if hasattr(model, "module") else model,
                                                     video, eps, cfg, guide_weight(step, cfg), shapes, extra,
                                                     directions, colours, disc_raw, outline)  # fmt: skip
+        if student is not None:  # and the student's own latents, each drawn as the video it meant
+            pick = torch.from_numpy(np.random.default_rng([cfg.seed, step, ctx.rank, 11]).integers(
+                len(student[0]), size=cfg.student_batch))  # fmt: skip
+            z = student[0][pick].to(dev) * init_std + torch.tensor(init_stats[0], device=dev).view(1, -1, 1, 1, 1)
+            if cfg.student_shift > 0:  # one offset per clip and channel, as --latent-shift gives the encoder's
+                z = z + cfg.student_shift * init_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
+            target = student[1][pick].to(dev)
+            with dist.autocast(ctx, cfg.amp):
+                drawn = reconstruct(model.module if hasattr(model, "module") else model, z)[:, :, : target.shape[2]]
+                student_loss, student_parts = picture_loss(drawn, target, cfg)
+            loss = loss + student_loss
+            parts |= {"student": float(student_loss.detach()), "student_mask": student_parts.get("mask", 0.0)}
         loss = poison(loss, step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
         if step == image_steps or guard.get("in_a_row", 0) >= 5:  # a new phase, or a real level shift
@@ -924,6 +959,41 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
                   f"stored in {result['final'][0]}")  # fmt: skip
         result["latents"] = {"mean": mean, "std": std}
     return result
+
+
+def _default_init(cfg: VAETrainConfig) -> Path:
+    """A decoder fine-tune's init without --init: this run's vae/final; for --student, the run's vae-decoder/final
+    (the decoder the student's figures were measured through) when it exists."""
+    if cfg.student is not None:
+        general = stage_dir(dataclasses.replace(cfg, out_dir=None, student=None), "vae-decoder") / "final.safetensors"
+        if general.is_file():
+            return general
+    return run_vae_path(cfg)
+
+
+def _student_data(cfg: VAETrainConfig, ctx: dist.DistContext, init: Path) -> tuple[Tensor, Tensor]:
+    """--student's clips (training/student_clips.py), made once by the main rank into the stage's folder."""
+    from causvid_core.bundle import embedded_file
+
+    from .data import checkpoint_text_encoder
+    from .distill import _say
+    from .student_clips import student_clips
+
+    name = str(cfg.student)
+    path = embedded_file(name[len("embedded:") :], "dit") if name.startswith("embedded:") else Path(name)
+    if not path.is_file():
+        raise ConfigError(f"--student {name} not found: give a student's checkpoint (e.g. this run's "
+                          "ode-init-causal-teacher/final.safetensors) or embedded:NAME")  # fmt: skip
+    folder = stage_dir(cfg, stage_name(cfg)) / "student-clips"
+
+    def make() -> tuple[Tensor, Tensor]:
+        return student_clips(folder, path, init, cfg.student_clips, cfg.num_frames, cfg.height, cfg.seed,
+                             text=checkpoint_text_encoder(name), say=lambda m: _say(ctx, m))  # fmt: skip
+
+    if ctx.is_main:
+        data = make()
+    dist.barrier(ctx)
+    return data if ctx.is_main else make()  # the other ranks read the main rank's shards
 
 
 @torch.no_grad()

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from causvid_core.bundle import load_bundle
+from causvid_core.bundle import file_metadata, load_bundle
 from causvid_core.vae import latent_stats_of, load_wan_vae
 from training import distill
 from training.config import make_config
 from training.export import OUTSIDE_RUNS, _portable, export
+from training.state import save_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,6 +103,18 @@ def test_export_ships_a_loadable_embedded_model(tmp_path, monkeypatch) -> None:
     assert not torch.equal(first[key].half(), tuned[key].half())
     assert torch.equal(shipped[key], tuned[key].half().float())
     assert "| vae-decoder | 2 |" in card
+
+    # a decoder fine-tuned on the student's own latents (vae --student, vae-student) ships over vae-decoder, and
+    # the card lists it after the student. Stood in for here by vae-decoder's weights with one tensor changed
+    shutil.copytree(run / "vae-decoder", run / "vae-student")
+    weights = load_file(str(run / "vae-student" / "final.safetensors"))
+    weights[key] = weights[key] + 1
+    save_weights(weights, run / "vae-student" / "final.safetensors",
+                 file_metadata(run / "vae-decoder" / "final.safetensors"))
+    export(run, out, commands=[])
+    assert torch.equal(load_wan_vae(out / "vae.safetensors").state_dict()[key], (tuned[key] + 1).half().float())
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.index("| vae-decoder | 2 |") < card.index("| dmd |") < card.index("| vae-student | 2 |")
 
 
 def test_export_names_the_missing_stage(tmp_path) -> None:

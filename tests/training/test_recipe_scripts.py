@@ -44,7 +44,7 @@ else:
     ("script", "stages"),
     [
         ("train_shapes.sh", ["vae"] * 5 + ["precompute", "teacher", "teacher", "teacher", "ode-pairs", "ode-init",
-                                          "export"]),
+                                          "vae", "export"]),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("nproc", ["1", "2"])

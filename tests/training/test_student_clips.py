@@ -1,0 +1,106 @@
+"""``vae --student DIT``: a decoder fine-tune on a student's own latents, each with the video it meant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from causvid_core.bundle import embedded_file
+from training import distill
+from training.config import ConfigError, make_config, stage_name
+from training.eval import score_video
+from training.shapes import object_centres, render_video
+from training.student_clips import SHARD, render_along, student_clips, target_path
+
+PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
+           "a green circle moving down on a white background")  # fmt: skip
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_a_true_video_is_its_own_target(prompt: str) -> None:
+    """A video already on a straight path at the prompt's speed gets itself back: the measured path is the
+    renderer's to a hundredth of a pixel (the triangle's low centroid accounted for), and so is every pixel."""
+    video = render_video(prompt, 3, 33)
+    path = target_path(video, prompt)
+    assert path is not None
+    assert np.abs(path - object_centres(prompt, 3, np.arange(33))).max() < 0.01
+    assert np.abs(render_along(prompt, path, 64).astype(int) - video).max() <= 1
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_a_jittery_drawing_gets_an_even_target_where_it_was(prompt: str) -> None:
+    """The target follows the drawing (within its jitter) but steps evenly: what temporal quality counts."""
+    truth = object_centres(prompt, 3, np.arange(33))
+    jittered = np.mod(truth + np.random.default_rng(0).normal(0, 0.6, truth.shape), 64)
+    drawing = render_along(prompt, jittered, 64)
+    path = target_path(drawing, prompt)
+    assert path is not None
+    assert np.abs(path - truth).max() < 1.0
+    before, after = score_video(drawing, prompt), score_video(render_along(prompt, path, 64), prompt)
+    assert after["temporal_quality"] > before["temporal_quality"] + 15
+    assert after["text_alignment"] == pytest.approx(100.0)
+
+
+def test_no_target_for_a_missing_object_or_a_wild_path() -> None:
+    prompt = PROMPTS[1]
+    video = render_video(prompt, 3, 17)
+    gone = video.copy()
+    gone[5] = gone[0, 0, 0]  # one frame of plain background
+    assert target_path(gone, prompt) is None
+    wild = render_along(prompt, np.random.default_rng(1).uniform(0, 64, (17, 2)), 64)  # jumps about
+    assert target_path(wild, prompt) is None
+
+
+def test_student_clips_are_made_once_and_kept(tmp_path) -> None:
+    """The shipped student's clips: latents as the decoder gets them, targets in the video range; a second call
+    reads the shards back instead of rendering again, and a changed setting makes them anew."""
+    student, vae = embedded_file("shapes", "dit"), embedded_file("shapes", "vae")
+    said: list[str] = []
+    latents, targets = student_clips(tmp_path, student, vae, 3, 9, 64, 0, say=said.append)
+    assert latents.shape[1:] == (16, 3, 8, 8) and targets.shape[1:] == (3, 9, 64, 64)
+    assert 1 <= len(latents) == len(targets) <= 3
+    assert targets.min() >= -1 and targets.max() <= 1
+    assert len(said) == 1 and (tmp_path / "shard_0000.pt").is_file()
+    again = student_clips(tmp_path, student, vae, 3, 9, 64, 0, say=said.append)
+    assert len(said) == 1 and torch.equal(again[0], latents)
+    student_clips(tmp_path, student, vae, 3, 9, 64, 1, say=said.append)  # another seed: other clips
+    assert len(said) == 2
+    assert SHARD >= 3
+
+
+def test_stage_fine_tunes_the_decoder_on_the_student(tmp_path) -> None:
+    """``vae --decoder-only true --student embedded:shapes``: writes vae-student/final with the init's encoder
+    and latent statistics, a changed decoder, and the student's loss in its log."""
+    init = embedded_file("shapes", "vae")
+    cfg = make_config("vae", "shapes", {
+        "runs_dir": str(tmp_path), "decoder_only": "true", "init": str(init), "student": "embedded:shapes",
+        "student_clips": "2", "student_batch": "1", "num_frames": "9", "clip_frames": "5", "batch_size": "1",
+        "steps": "2", "lr_warmup": "1", "save_every": "2", "log_every": "1", "sample_every": "0",
+        "skip_grad_norm": "1000", "mask_weight": "1"})  # fmt: skip
+    assert stage_name(cfg) == "vae-student"
+    rows = distill.run("vae", cfg)["rows"]
+    assert all(r["student"] > 0 for r in rows)
+    folder = tmp_path / "shapes" / "vae-student"
+    before, after = load_file(str(init)), load_file(str(folder / "final.safetensors"))
+    encoder = [k for k in before if k.startswith(("encoder.", "conv1."))]
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in encoder)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before if k.startswith("decoder."))
+    assert (folder / "student-clips" / "shard_0000.pt").is_file()
+
+
+def test_student_needs_a_decoder_fine_tune_and_a_real_file(tmp_path) -> None:
+    base = {"runs_dir": str(tmp_path), "steps": "1"}
+    with pytest.raises(ConfigError, match="--decoder-only true"):
+        distill.run("vae", make_config("vae", "tiny", {**base, "student": "embedded:shapes"}))
+    init = str(embedded_file("shapes", "vae"))
+    with pytest.raises(ConfigError, match="not found"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student": str(tmp_path / "nope.safetensors")}))
+    with pytest.raises(ConfigError, match="--student-shift 0.3.*with --student"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student_shift": "0.3"}))
+    with pytest.raises(ConfigError, match="--student-clips 0"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student": "embedded:shapes", "student_clips": "0"}))

@@ -1,0 +1,191 @@
+"""A student's own latents, each with the video it should have drawn: data for ``vae --student DIT``.
+
+The shipped student writes the prompt's shape into its latents (the shape code, channels 3-5) in every
+latent frame, yet a decoder fitted to the encoder's latents draws its squares and triangles as round
+blobs: the student's latents lie off the encoder's, and those decoders never saw such latents. This
+makes the pairs a decoder fine-tune needs to learn them: the student streams a clip of a random prompt,
+the init decoder draws it, the object's centroid is measured in every frame (as the figures measure it),
+and the target is the prompt's object rendered exactly (its shape, colour and background) along the
+student's own path, smoothed over 5 frames. The target keeps where the student put the object (a causal
+decoder cannot move it far from where its latents say without drifting) and asks only for what the
+student meant: the right shape, clean edges and even steps.
+
+Clips are made in shards of ``SHARD`` and kept in the stage's folder, so a stopped run resumes without
+making them again; a shard is only reused when it was made by the same student, init VAE and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .metrics import frame_stats, wrapped
+from .shapes import (
+    DIRECTION_VECTORS,
+    REFERENCE_SIZE,
+    SPEED,
+    _coverage,
+    object_centres,
+    parse_prompt,
+    random_prompt,
+    render_video,
+)
+
+SHARD = 64  # clips per shard file
+SMOOTH_FRAMES = 5  # the centred moving average over the student's path
+MAX_PATH_ERROR = 4.0  # px (at 64x64): a clip whose path is this far (rms) from a straight one is skipped
+FORMAT = 2  # shards keep each target's path (1 kept the drawn targets, 400 times the bytes)
+
+
+def _centroid_offsets(size: int) -> dict[str, np.ndarray]:
+    """Each shape's measured centroid minus its bounding-box centre (a triangle's sits lower)."""
+    out = {}
+    for shape in ("circle", "square", "triangle"):
+        prompt = f"a red {shape} moving right"
+        stats = frame_stats(render_video(prompt, 5, 4, size), (0, 0, 0))
+        out[shape] = np.nanmean(wrapped(stats.centroid - object_centres(prompt, 5, np.arange(4), size), size), 0)
+    return out
+
+
+def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+    """Bounding-box centres [F, 2] of the prompt's object along the path a drawn video [F, H, W, 3] shows:
+    its measured centroids, less the shape's centroid offset, as a straight path at the prompt's velocity
+    plus the drawing's deviation from it smoothed over ``SMOOTH_FRAMES``. None when the object is missing in
+    a frame or the path strays more than ``MAX_PATH_ERROR`` px (rms) from a straight one: no clean target."""
+    p = parse_prompt(prompt)
+    size = video.shape[2]
+    offsets = offsets or _centroid_offsets(size)
+    stats = frame_stats(video, p.background_rgb)
+    if not stats.present.all():
+        return None
+    velocity = SPEED * size / REFERENCE_SIZE * np.array(DIRECTION_VECTORS[p.direction], dtype=np.float64)
+    t = np.arange(len(video), dtype=np.float64)[:, None]
+    start = np.mod(stats.centroid - offsets[p.shape] - velocity * t, size)  # [F, 2] each frame's start point
+    angle = start * 2 * np.pi / size
+    mean = np.mod(np.arctan2(np.sin(angle).mean(0), np.cos(angle).mean(0)) * size / (2 * np.pi), size)
+    deviation = wrapped(start - mean, size)
+    if np.sqrt((deviation**2).sum(1).mean()) * REFERENCE_SIZE / size > MAX_PATH_ERROR:
+        return None
+    k = min(SMOOTH_FRAMES, len(video))
+    padded = np.pad(deviation, ((k // 2, k - 1 - k // 2), (0, 0)), mode="edge")
+    smooth = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(2)], 1)
+    return np.mod(mean + velocity * t + smooth, size)
+
+
+def render_along(prompt: str, centres: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [F, size, size, 3]: the prompt's object drawn exactly (anti-aliased) at bounding-box centres [F, 2]."""
+    p = parse_prompt(prompt)
+    alpha = _coverage(p.shape, centres, size)[..., None]
+    bg, fg = np.array(p.background_rgb, dtype=np.float64), np.array(p.colour_rgb, dtype=np.float64)
+    return np.rint(bg + alpha * (fg - bg)).astype(np.uint8)
+
+
+def clip_prompt(seed: int, index: int) -> tuple[str, int]:
+    """(prompt, video seed) of student clip ``index``: deterministic, apart from the training clips' stream."""
+    rng = np.random.default_rng([seed, 0x57D, index])
+    return random_prompt(rng), int(rng.integers(2**31))
+
+
+def _signature(student: Path, init: Path, frames: int, size: int, seed: int) -> str:
+    """What a shard depends on: the two weight files (name, size, first MB) and the settings."""
+    h = hashlib.sha256()
+    for path in (student, init):
+        h.update(str(path.resolve()).encode())
+        h.update(str(path.stat().st_size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+    h.update(json.dumps([frames, size, seed, SMOOTH_FRAMES, MAX_PATH_ERROR, FORMAT]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def make_shard(student: Path, init: Path, first: int, count: int, frames: int, size: int, seed: int,
+               text: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Clips [first, first + count): latents [N, C, f, h, w] (normalised, float16), each target's path
+    [N, frames, 2] (float64 bounding-box centres, ``target_path``) and prompts; clips without a clean target
+    are left out. The targets themselves are drawn when the shard is read (``render_along``)."""
+    from causvid_core.bundle import load_bundle
+    from causvid_core.pipeline import PromptTimeline, RenderRequest, render
+    from causvid_core.vae import load_wan_vae
+
+    from .data import checkpoint_text_encoder
+
+    bundle = load_bundle(str(student), dtype=torch.float32)
+    encoder = bundle.text_encoder or text or checkpoint_text_encoder(student, bundle.model.config)
+    vae = load_wan_vae(init)
+    offsets = _centroid_offsets(size)
+
+    class Capture:  # the pipeline's decoder: keeps each chunk's latents and draws it with the init decoder
+        def __init__(self) -> None:
+            self.latents: list[Tensor] = []
+            self.inner = vae.stream_decoder()
+
+        def decode(self, z: Tensor) -> Tensor:
+            self.latents.append(z.clone())
+            return self.inner.decode(z)
+
+        def reset(self) -> None:
+            self.inner.reset()
+
+    class Collect:
+        def __init__(self) -> None:
+            self.frames: list[np.ndarray] = []
+
+        def write(self, chunk: Tensor) -> None:
+            self.frames.append(np.asarray(chunk))
+
+    latents, paths, prompts = [], [], []
+    for index in range(first, first + count):
+        prompt, video_seed = clip_prompt(seed, index)
+        capture, collect = Capture(), Collect()
+        render(bundle.model, PromptTimeline.single(encoder.encode([prompt])),
+               RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
+               writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
+        drawn = np.concatenate(collect.frames)[:frames]
+        path = target_path(drawn, prompt, offsets)
+        if path is None:
+            continue
+        latents.append(torch.cat(capture.latents, 2)[0].half())
+        paths.append(torch.from_numpy(path))
+        prompts.append(prompt)
+    if not latents:
+        return {"latents": None, "paths": None, "prompts": []}
+    return {"latents": torch.stack(latents), "paths": torch.stack(paths), "prompts": prompts}
+
+
+def student_clips(folder: Path, student: Path, init: Path, count: int, frames: int, size: int, seed: int,
+                  text: Any = None, say: Callable[[str], None] = print) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """All ``count`` clips' (latents float32 [N, C, f, h, w], targets float32 [N, 3, F, H, W] in -1..1),
+    made shard by shard into ``folder`` (kept: a resumed run reads them back) or read from there."""
+    sig = _signature(student, init, frames, size, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for first in range(0, count, SHARD):
+        path = folder / f"shard_{first // SHARD:04d}.pt"
+        shard = torch.load(path, weights_only=False) if path.is_file() else None
+        size_here = min(SHARD, count - first)  # the last shard of a run with fewer clips holds fewer
+        if shard is None or shard.get("signature") != sig or shard.get("count") != size_here:
+            shard = make_shard(student, init, first, size_here, frames, size, seed, text)
+            shard["signature"], shard["count"] = sig, size_here
+            tmp = path.with_suffix(".tmp")
+            torch.save(shard, tmp)
+            tmp.replace(path)  # a stopped run never leaves half a shard
+            say(f"student clips {first + size_here}/{count}: {len(shard['prompts'])} of {size_here} kept in "
+                f"{path.name}")  # fmt: skip
+        if shard["latents"] is not None:
+            shards.append(shard)
+    if not shards:
+        raise ValueError(f"none of the {count} clips of {student} drew one object along a path: is it a trained "
+                         "student of this run's VAE?")  # fmt: skip
+    latents = torch.cat([s["latents"] for s in shards]).float()
+    drawn = [render_along(prompt, path.numpy(), size)
+             for shard in shards for prompt, path in zip(shard["prompts"], shard["paths"], strict=True)]
+    targets = torch.from_numpy(np.stack(drawn)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return latents, targets
