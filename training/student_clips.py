@@ -105,59 +105,66 @@ def _signature(student: Path, init: Path, frames: int, size: int, seed: int) -> 
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def make_shard(student: Path, init: Path, first: int, count: int, frames: int, size: int, seed: int,
-               text: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Clips [first, first + count): latents [N, C, f, h, w] (normalised, float16), each target's path
-    [N, frames, 2] (float64 bounding-box centres, ``target_path``) and prompts; clips without a clean target
-    are left out. The targets themselves are drawn when the shard is read (``render_along``)."""
-    from causvid_core.bundle import load_bundle
-    from causvid_core.pipeline import PromptTimeline, RenderRequest, render
-    from causvid_core.vae import load_wan_vae
+class ClipMaker:
+    """The student (with its text encoder) and the init decoder, loaded once, making shards of clips."""
 
-    from .data import checkpoint_text_encoder
+    def __init__(self, student: Path, init: Path, size: int, text: Any = None) -> None:
+        from causvid_core.bundle import load_bundle
+        from causvid_core.vae import load_wan_vae
 
-    bundle = load_bundle(str(student), dtype=torch.float32)
-    encoder = bundle.text_encoder or text or checkpoint_text_encoder(student, bundle.model.config)
-    vae = load_wan_vae(init)
-    offsets = _centroid_offsets(size)
+        from .data import checkpoint_text_encoder
 
-    class Capture:  # the pipeline's decoder: keeps each chunk's latents and draws it with the init decoder
-        def __init__(self) -> None:
-            self.latents: list[Tensor] = []
-            self.inner = vae.stream_decoder()
+        self.bundle = load_bundle(str(student), dtype=torch.float32)
+        self.encoder = self.bundle.text_encoder or text or checkpoint_text_encoder(student, self.bundle.model.config)
+        self.vae = load_wan_vae(init)
+        self.size = size
+        self.offsets = _centroid_offsets(size)
 
-        def decode(self, z: Tensor) -> Tensor:
-            self.latents.append(z.clone())
-            return self.inner.decode(z)
+    @torch.no_grad()
+    def shard(self, first: int, count: int, frames: int, seed: int) -> dict[str, Any]:
+        """Clips [first, first + count): latents [N, C, f, h, w] (normalised, float16), each target's path
+        [N, frames, 2] (float64 bounding-box centres, ``target_path``) and prompts; clips without a clean target
+        are left out. The targets themselves are drawn when the shard is read (``render_along``)."""
+        from causvid_core.pipeline import PromptTimeline, RenderRequest, render
 
-        def reset(self) -> None:
-            self.inner.reset()
+        vae, bundle, size = self.vae, self.bundle, self.size
 
-    class Collect:
-        def __init__(self) -> None:
-            self.frames: list[np.ndarray] = []
+        class Capture:  # the pipeline's decoder: keeps each chunk's latents and draws it with the init decoder
+            def __init__(self) -> None:
+                self.latents: list[Tensor] = []
+                self.inner = vae.stream_decoder()
 
-        def write(self, chunk: Tensor) -> None:
-            self.frames.append(np.asarray(chunk))
+            def decode(self, z: Tensor) -> Tensor:
+                self.latents.append(z.clone())
+                return self.inner.decode(z)
 
-    latents, paths, prompts = [], [], []
-    for index in range(first, first + count):
-        prompt, video_seed = clip_prompt(seed, index)
-        capture, collect = Capture(), Collect()
-        render(bundle.model, PromptTimeline.single(encoder.encode([prompt])),
-               RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
-               writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
-        drawn = np.concatenate(collect.frames)[:frames]
-        path = target_path(drawn, prompt, offsets)
-        if path is None:
-            continue
-        latents.append(torch.cat(capture.latents, 2)[0].half())
-        paths.append(torch.from_numpy(path))
-        prompts.append(prompt)
-    if not latents:
-        return {"latents": None, "paths": None, "prompts": []}
-    return {"latents": torch.stack(latents), "paths": torch.stack(paths), "prompts": prompts}
+            def reset(self) -> None:
+                self.inner.reset()
+
+        class Collect:
+            def __init__(self) -> None:
+                self.frames: list[np.ndarray] = []
+
+            def write(self, chunk: Tensor) -> None:
+                self.frames.append(np.asarray(chunk))
+
+        latents, paths, prompts = [], [], []
+        for index in range(first, first + count):
+            prompt, video_seed = clip_prompt(seed, index)
+            capture, collect = Capture(), Collect()
+            render(bundle.model, PromptTimeline.single(self.encoder.encode([prompt])),
+                   RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
+                   writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
+            drawn = np.concatenate(collect.frames)[:frames]
+            path = target_path(drawn, prompt, self.offsets)
+            if path is None:
+                continue
+            latents.append(torch.cat(capture.latents, 2)[0].half())
+            paths.append(torch.from_numpy(path))
+            prompts.append(prompt)
+        if not latents:
+            return {"latents": None, "paths": None, "prompts": []}
+        return {"latents": torch.stack(latents), "paths": torch.stack(paths), "prompts": prompts}
 
 
 def student_clips(folder: Path, student: Path, init: Path, count: int, frames: int, size: int, seed: int,
@@ -167,12 +174,14 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
     sig = _signature(student, init, frames, size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
+    maker = None  # loaded once, at the first shard to make
     for first in range(0, count, SHARD):
         path = folder / f"shard_{first // SHARD:04d}.pt"
         shard = torch.load(path, weights_only=False) if path.is_file() else None
         size_here = min(SHARD, count - first)  # the last shard of a run with fewer clips holds fewer
         if shard is None or shard.get("signature") != sig or shard.get("count") != size_here:
-            shard = make_shard(student, init, first, size_here, frames, size, seed, text)
+            maker = maker or ClipMaker(student, init, size, text)
+            shard = maker.shard(first, size_here, frames, seed)
             shard["signature"], shard["count"] = sig, size_here
             tmp = path.with_suffix(".tmp")
             torch.save(shard, tmp)

@@ -387,27 +387,26 @@ def pixel_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Tenso
     return cfg.l1_weight * l1 + cfg.mse_weight * mse, l1, mse
 
 
+def cell_colour_loss(recon: Tensor, video: Tensor) -> Tensor:
+    """Squared error of the 8x8 cell means (``--colour-weight``)."""
+    return (F.avg_pool3d(recon.float(), (1, 8, 8)) - F.avg_pool3d(video.float(), (1, 8, 8))).square().mean()
+
+
 def picture_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, dict[str, float]]:
     """Every term that compares a drawing with the video it should be (pixels, cell colours, the
     segmentation, the centroid, the object's colour), weighted by ``cfg``; with the parts for the log."""
     loss, l1, mse = pixel_loss(recon, video, cfg)
     parts = {"l1": float(l1.detach()), "mse": float(mse.detach())}
-    if cfg.colour_weight > 0:  # the low-frequency part of the error, weighted up: cell colours
-        colour = (F.avg_pool3d(recon.float(), (1, 8, 8)) - F.avg_pool3d(video.float(), (1, 8, 8))).square().mean()
-        loss = loss + cfg.colour_weight * colour
-        parts["colour"] = float(colour.detach())
-    if cfg.mask_weight > 0:
-        mask = mask_loss(recon, video)
-        loss = loss + cfg.mask_weight * mask
-        parts["mask"] = float(mask.detach())
-    if cfg.centroid_weight > 0:
-        centroid = centroid_loss(recon, video, cfg.centroid_read, cfg.centroid_motion)
-        loss = loss + cfg.centroid_weight * centroid
-        parts["centroid"] = float(centroid.detach())
-    if cfg.object_colour_weight > 0:
-        obj = object_colour_loss(recon, video)
-        loss = loss + cfg.object_colour_weight * obj
-        parts["object_colour"] = float(obj.detach())
+    terms = (("colour", cfg.colour_weight, cell_colour_loss),  # the low-frequency part of the error: cell colours
+             ("mask", cfg.mask_weight, mask_loss),
+             ("centroid", cfg.centroid_weight,
+              lambda r, v: centroid_loss(r, v, cfg.centroid_read, cfg.centroid_motion)),
+             ("object_colour", cfg.object_colour_weight, object_colour_loss))  # fmt: skip
+    for name, weight, term in terms:
+        if weight > 0:
+            value = term(recon, video)
+            loss = loss + weight * value
+            parts[name] = float(value.detach())
     return loss, parts
 
 
@@ -777,6 +776,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
                               "use a value >= 0 with --decoder-only true")  # fmt: skip
     # the init's per-channel latent std [1, C, 1, 1, 1]: the unit of --latent-noise and --latent-shift
     init_std = None if init_stats is None else torch.tensor(init_stats[1], device=dev).view(1, -1, 1, 1, 1)
+    init_mean = None if init_stats is None else torch.tensor(init_stats[0], device=dev).view(1, -1, 1, 1, 1)
     noise_std = None  # --latent-noise in raw latent units
     if cfg.latent_noise > 0:
         noise_std = cfg.latent_noise * init_std
@@ -899,7 +899,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         if student is not None:  # and the student's own latents, each drawn as the video it meant
             pick = torch.from_numpy(np.random.default_rng([cfg.seed, step, ctx.rank, 11]).integers(
                 len(student[0]), size=cfg.student_batch))  # fmt: skip
-            z = student[0][pick].to(dev) * init_std + torch.tensor(init_stats[0], device=dev).view(1, -1, 1, 1, 1)
+            z = student[0][pick].to(dev) * init_std + init_mean  # the init's raw latents
             if cfg.student_shift > 0:  # one offset per clip and channel, as --latent-shift gives the encoder's
                 z = z + cfg.student_shift * init_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
             target = student[1][pick].to(dev)
