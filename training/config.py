@@ -227,9 +227,14 @@ class VAETrainConfig(RunConfig):
     student: str | None = None
     student_clips: int = 800  # clips made from --student (kept in the stage's folder; about 0.55 s each on 2 cores)
     student_batch: int = 2  # --student clips per step, beside --batch-size clips of the encoder's latents
+    # processes (one thread each) that make the --student clips; 0: one per core (2 cores: 4.8 min for 800, not 7.3)
+    student_workers: int = 0
     # each --student clip's latents also move by one offset per channel, this many of the init's latent stds: the
     # student's latents drift off their 2-second selves over minutes, which the clips (2 seconds each) never show
     student_shift: float = 0.0
+    # per-channel exceptions to --student-shift, as --latent-shift-channels (e.g. '0-2:0.3,8-10:0.3'): the offsets
+    # that keep a long video's colour also blur the shape when given to the shape code (channels 3-5)
+    student_shift_channels: str = ""
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)
 
 

@@ -348,9 +348,9 @@ def channel_list(spec: str, z_dim: int, flag: str) -> list[int]:
     return out
 
 
-def shift_sizes(spec: str, default: float, z_dim: int) -> list[float]:
-    """Per-channel offset sizes (in latent stds): ``default`` everywhere but the channels ``spec`` names,
-    '3-6:0.5,13:0.4' (channels as for --clean-channels, then a colon and the size)."""
+def shift_sizes(spec: str, default: float, z_dim: int, flag: str = "--latent-shift-channels") -> list[float]:
+    """Per-channel offset sizes (in latent stds): ``default`` everywhere but the channels ``spec`` (option
+    ``flag``) names, '3-6:0.5,13:0.4' (channels as for --clean-channels, then a colon and the size)."""
     sizes = [default] * z_dim
     for part in filter(None, (p.strip() for p in spec.split(","))):
         channels, colon, size = part.partition(":")
@@ -359,9 +359,9 @@ def shift_sizes(spec: str, default: float, z_dim: int) -> list[float]:
         except ValueError:
             value = -1.0
         if not colon or not value >= 0:
-            raise ConfigError(f"--latent-shift-channels {spec!r}: {part!r} is not CHANNELS:STD; give e.g. "
+            raise ConfigError(f"{flag} {spec!r}: {part!r} is not CHANNELS:STD; give e.g. "
                               "'3-6:0.5,13:0.4' (offset sizes >= 0 in latent stds)")  # fmt: skip
-        for c in channel_list(channels, z_dim, "--latent-shift-channels"):
+        for c in channel_list(channels, z_dim, flag):
             sizes[c] = value
     return sizes
 
@@ -749,9 +749,16 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.student is not None and (cfg.student_clips < 1 or cfg.student_batch < 1):
         raise ConfigError(f"--student-clips {cfg.student_clips} / --student-batch {cfg.student_batch}: "
                           "use at least 1 of each with --student")  # fmt: skip
+    if cfg.student_workers < 0:
+        raise ConfigError(f"--student-workers {cfg.student_workers}: processes that make --student's clips; give "
+                          "1 or more, or 0 for one per core")  # fmt: skip
     if cfg.student_shift < 0 or (cfg.student_shift > 0 and cfg.student is None):
         raise ConfigError(f"--student-shift {cfg.student_shift}: offsets for --student's latents in latent stds; "
                           "use a value >= 0 with --student")  # fmt: skip
+    student_sizes = shift_sizes(cfg.student_shift_channels, cfg.student_shift, cfg.arch.z_dim, "--student-shift-channels")
+    if any(student_sizes) and cfg.student is None:
+        raise ConfigError(f"--student-shift-channels {cfg.student_shift_channels!r}: offsets for --student's latents; "
+                          "use it with --student")  # fmt: skip
     if cfg.decoder_only or cfg.init:
         init_path = Path(cfg.init) if cfg.init else _default_init(cfg)
         # a decoder fine-tune may widen the init's decoder (--arch.decoder-dim-mult): the latents stay the same
@@ -785,6 +792,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
                           "give --latent-noise too")  # fmt: skip
     shift_std = channel_shift_std(cfg, init_std)
+    student_shift_std = None
+    if any(student_sizes) and init_std is not None:
+        student_shift_std = torch.tensor(student_sizes, device=dev).view(1, -1, 1, 1, 1) * init_std
     if not 0 <= cfg.code_swap <= 1 or (cfg.code_swap > 0 and not cfg.decoder_only):
         raise ConfigError(f"--code-swap {cfg.code_swap}: the share of a decoder fine-tune's clips decoded with "
                           "another shape's code; use a value in 0..1 with --decoder-only true")  # fmt: skip
@@ -900,8 +910,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             pick = torch.from_numpy(np.random.default_rng([cfg.seed, step, ctx.rank, 11]).integers(
                 len(student[0]), size=cfg.student_batch))  # fmt: skip
             z = student[0][pick].to(dev) * init_std + init_mean  # the init's raw latents
-            if cfg.student_shift > 0:  # one offset per clip and channel, as --latent-shift gives the encoder's
-                z = z + cfg.student_shift * init_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
+            if student_shift_std is not None:  # one offset per clip and channel, as --latent-shift gives the encoder's
+                z = z + student_shift_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
             target = student[1][pick].to(dev)
             with dist.autocast(ctx, cfg.amp):
                 drawn = reconstruct(model.module if hasattr(model, "module") else model, z)[:, :, : target.shape[2]]
@@ -977,7 +987,7 @@ def _student_data(cfg: VAETrainConfig, ctx: dist.DistContext, init: Path) -> tup
 
     from .data import checkpoint_text_encoder
     from .distill import _say
-    from .student_clips import student_clips
+    from .student_clips import default_workers, student_clips
 
     name = str(cfg.student)
     path = embedded_file(name[len("embedded:") :], "dit") if name.startswith("embedded:") else Path(name)
@@ -988,7 +998,8 @@ def _student_data(cfg: VAETrainConfig, ctx: dist.DistContext, init: Path) -> tup
 
     def make() -> tuple[Tensor, Tensor]:
         return student_clips(folder, path, init, cfg.student_clips, cfg.num_frames, cfg.height, cfg.seed,
-                             text=checkpoint_text_encoder(name), say=lambda m: _say(ctx, m))  # fmt: skip
+                             text=checkpoint_text_encoder(name), say=lambda m: _say(ctx, m),
+                             workers=cfg.student_workers or default_workers())  # fmt: skip
 
     if ctx.is_main:
         data = make()

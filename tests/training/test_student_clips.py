@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 
 from causvid_core.bundle import embedded_file
 from training import distill
+from training import student_clips as student_clips_module
 from training.config import ConfigError, make_config, stage_name
 from training.eval import score_video
 from training.shapes import object_centres, render_video
 from training.student_clips import SHARD, render_along, student_clips, target_path
+from training.vae_stage import shift_sizes
 
 PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
            "a green circle moving down on a white background")  # fmt: skip
@@ -70,6 +72,25 @@ def test_student_clips_are_made_once_and_kept(tmp_path) -> None:
     assert SHARD >= 3
 
 
+def test_worker_processes_make_the_same_clips(tmp_path, monkeypatch) -> None:
+    """Shards made by two one-thread processes at once hold the clips one process makes (prompts, paths to
+    a hundredth of a pixel, latents to float16's rounding), each shard written whole."""
+    monkeypatch.setattr(student_clips_module, "SHARD", 2)
+    student, vae = embedded_file("shapes", "dit"), embedded_file("shapes", "vae")
+    said: list[str] = []
+    one = student_clips(tmp_path / "one", student, vae, 4, 9, 64, 0, say=said.append, workers=1)
+    two = student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
+    assert len(said) == 4 and said[-1].startswith("student clips 4/4 made")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["shard_0000.pt", "shard_0001.pt"]
+    for a, b in zip((tmp_path / "one").iterdir(), (tmp_path / "two").iterdir(), strict=True):
+        x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+        assert x["prompts"] == y["prompts"] and x["signature"] == y["signature"]
+        assert torch.allclose(x["paths"], y["paths"], atol=0.01)
+    assert torch.allclose(one[0], two[0], atol=2e-2) and torch.equal(one[1], two[1])
+    student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
+    assert len(said) == 4  # all kept: nothing made again
+
+
 def test_stage_fine_tunes_the_decoder_on_the_student(tmp_path) -> None:
     """``vae --decoder-only true --student embedded:shapes``: writes vae-student/final with the init's encoder
     and latent statistics, a changed decoder, and the student's loss in its log."""
@@ -101,6 +122,22 @@ def test_student_needs_a_decoder_fine_tune_and_a_real_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--student-shift 0.3.*with --student"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student_shift": "0.3"}))
+    with pytest.raises(ConfigError, match="--student-shift-channels '8-10:0.3'.*with --student"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student_shift_channels": "8-10:0.3"}))
+    with pytest.raises(ConfigError, match="--student-shift-channels '8-10'.*CHANNELS:STD"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student": "embedded:shapes", "student_shift_channels": "8-10"}))
+    with pytest.raises(ConfigError, match="--student-workers -1"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student": "embedded:shapes", "student_workers": "-1"}))
     with pytest.raises(ConfigError, match="--student-clips 0"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student": "embedded:shapes", "student_clips": "0"}))
+
+
+def test_student_shift_channels_give_the_colour_channels_their_own_offsets() -> None:
+    """'0-2:0.3,8-10:0.3' over --student-shift 0: offsets on the colour channels only, none on the shape code."""
+    sizes = shift_sizes("0-2:0.3,8-10:0.3", 0.0, 16, "--student-shift-channels")
+    assert [i for i, s in enumerate(sizes) if s] == [0, 1, 2, 8, 9, 10] and max(sizes) == 0.3
+    assert shift_sizes("", 0.1, 16, "--student-shift-channels") == [0.1] * 16
