@@ -68,7 +68,7 @@ ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompt
    "$OUT/drift-causal-dmd.json=ODE init + causal teacher (DMD)" \
    "$OUT/drift-bidirectional-dmd.json=ODE init + bidirectional teacher" --drift "$OUT/figure8.png"
 
-# Version 14 ships a decoder fine-tuned on ours' own latents (vae-student): ours through it, beside the rows
+# Versions 14 and 15 ship a decoder fine-tuned on ours' own latents (vae-student): ours through it, beside the rows
 # above, which compare the DiTs through vae-decoder (none of them was fitted to it)
 OWN="$RUN/vae-student/final.safetensors"
 if [ -f "$OWN" ]; then
