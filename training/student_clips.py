@@ -24,6 +24,7 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,13 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
             try:
                 for future in as_completed(futures):
                     report(*futures[future], future.result())
+            except BrokenProcessPool as e:  # a worker died before it could say why
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(
+                    f"a process making student clips stopped ({e}); the shards finished so far are kept in {folder}. "
+                    "Called from a script of your own? Worker processes import it again: put its entry under "
+                    "`if __name__ == \"__main__\":`, or make the clips in this process (--student-workers 1)"
+                ) from e
             except BaseException:  # a failed or stopped shard: the finished ones stay on disk, the rest never start
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +21,7 @@ from training.shapes import object_centres, render_video
 from training.student_clips import SHARD, render_along, student_clips, target_path
 from training.vae_stage import shift_sizes
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
            "a green circle moving down on a white background")  # fmt: skip
 
@@ -89,6 +95,24 @@ def test_worker_processes_make_the_same_clips(tmp_path, monkeypatch) -> None:
     assert torch.allclose(one[0], two[0], atol=2e-2) and torch.equal(one[1], two[1])
     student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
     assert len(said) == 4  # all kept: nothing made again
+
+
+def test_a_script_without_a_main_guard_gets_told_the_fix(tmp_path) -> None:
+    """Worker processes import the calling script again; one that starts the work at import kills them. The
+    caller gets an error naming both ways out, not a bare BrokenProcessPool."""
+    script = tmp_path / "make.py"
+    script.write_text(  # shards of 2, so that 4 clips make two shards for two workers
+        "from pathlib import Path\n"
+        "from causvid_core.bundle import embedded_file\n"
+        "import training.student_clips as m\n"
+        "m.SHARD = 2\n"
+        f"m.student_clips(Path({str(tmp_path / 'clips')!r}), embedded_file('shapes', 'dit'), "
+        "embedded_file('shapes', 'vae'), 4, 9, 64, 0, workers=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode != 0
+    assert "__main__" in done.stderr and "--student-workers 1" in done.stderr, done.stderr[-2000:]
 
 
 def test_stage_fine_tunes_the_decoder_on_the_student(tmp_path) -> None:
