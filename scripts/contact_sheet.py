@@ -10,12 +10,15 @@ What the Shapes figures summarise, made visible: how many objects, their shape, 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from training.shapes import render_video
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
+
+from training.shapes import render_video  # noqa: E402
 
 PROMPTS = (
     "a red square moving right",

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from causvid_core.pipeline import to_uint8_frames
-from causvid_core.text import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_NAMES
-from causvid_core.vae import load_wan_vae
-from training.metrics import frame_stats, wrapped
-from training.shapes import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
+
+from causvid_core.pipeline import to_uint8_frames  # noqa: E402
+from causvid_core.text import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPE_NAMES  # noqa: E402
+from causvid_core.vae import load_wan_vae  # noqa: E402
+from training.metrics import frame_stats, wrapped  # noqa: E402
+from training.shapes import (  # noqa: E402
     DIRECTION_VECTORS,
     SPEED,
     ShapesDataset,
@@ -44,7 +48,7 @@ from training.shapes import (
     render_video,
     to_model_range,
 )
-from training.vae_stage import COLOUR_CHANNELS, MOTION_CHANNELS, SHAPE_CHANNELS, object_cover
+from training.vae_stage import COLOUR_CHANNELS, MOTION_CHANNELS, SHAPE_CHANNELS, object_cover  # noqa: E402
 
 ATTRIBUTES = {name: list(values) for name, values in
               (("colour", COLOURS), ("shape", SHAPE_NAMES), ("direction", DIRECTIONS), ("background", BACKGROUNDS))}

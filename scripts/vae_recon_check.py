@@ -16,15 +16,19 @@ it shows there first (docs/reproduction.md, The VAE).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from causvid_core.pipeline import to_uint8_frames
-from causvid_core.vae import load_wan_vae
-from causvid_core.video_io import psnr
-from training.metrics import frame_stats, score_video
-from training.shapes import parse_prompt, prompt_set, render_video, to_model_range
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
+
+from causvid_core.pipeline import to_uint8_frames  # noqa: E402
+from causvid_core.vae import load_wan_vae  # noqa: E402
+from causvid_core.video_io import psnr  # noqa: E402
+from training.metrics import frame_stats, score_video  # noqa: E402
+from training.shapes import parse_prompt, prompt_set, render_video, to_model_range  # noqa: E402
 
 
 def psnr_by_latent_frame(sq_err: np.ndarray) -> list[float]:

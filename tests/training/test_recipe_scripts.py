@@ -61,3 +61,14 @@ def test_recipe_script_commands_are_valid(tmp_path, script, stages, nproc) -> No
     done = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert log.read_text().split() == stages
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_python_scripts_run_as_the_docs_call_them(tmp_path, script) -> None:
+    """`python scripts/NAME.py --help`, as README and docs/ call them: from the checkout, no PYTHONPATH and
+    nothing installed, each finds the package beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
