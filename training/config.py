@@ -232,7 +232,7 @@ class VAETrainConfig(RunConfig):
     # each --student clip's latents also move by one offset per channel, this many of the init's latent stds: the
     # student's latents drift off their 2-second selves over minutes, which the clips (2 seconds each) never show
     student_shift: float = 0.0
-    # per-channel exceptions to --student-shift, as --latent-shift-channels (e.g. '0-2:0.3,8-10:0.3'): the offsets
+    # per-channel exceptions to --student-shift, as --latent-shift-channels (version 15: '3-5:0'): the offsets
     # that keep a long video's colour also blur the shape when given to the shape code (channels 3-5)
     student_shift_channels: str = ""
     init: str | None = None  # start from these VAE weights (default with --decoder-only: this run's vae/final)

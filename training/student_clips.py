@@ -13,7 +13,7 @@ student meant: the right shape, clean edges and even steps.
 Clips are made in shards of ``SHARD`` and kept in the stage's folder, so a stopped run resumes without
 making them again; a shard is only reused when it was made by the same student, init VAE and settings.
 Missing shards are made by several one-thread processes at once (``workers``): on a 2-core CPU two such
-processes make clips about half as fast again as one process with two threads.
+processes make about a third more clips per second than one process with two threads (2.84 against 2.14).
 """
 
 from __future__ import annotations
