@@ -165,3 +165,21 @@ def test_student_shift_channels_give_the_colour_channels_their_own_offsets() -> 
     sizes = shift_sizes("0-2:0.3,8-10:0.3", 0.0, 16, "--student-shift-channels")
     assert [i for i, s in enumerate(sizes) if s] == [0, 1, 2, 8, 9, 10] and max(sizes) == 0.3
     assert shift_sizes("", 0.1, 16, "--student-shift-channels") == [0.1] * 16
+
+
+def test_student_offsets_reach_the_stage_channel_by_channel(tmp_path) -> None:
+    """The stage offsets the student's latents as asked: '0-15:0' over --student-shift 0.5 is no offset at all
+    (the step's student loss is the unshifted one, bit for bit), --student-shift 0.5 alone changes it."""
+    init = str(embedded_file("shapes", "vae"))
+
+    def student_loss(name: str, extra: dict[str, str]) -> float:
+        cfg = make_config("vae", "shapes", {
+            "runs_dir": str(tmp_path), "name": name, "decoder_only": "true", "init": init,
+            "student": "embedded:shapes", "student_clips": "1", "student_batch": "1", "num_frames": "9",
+            "clip_frames": "5", "batch_size": "1", "steps": "1", "lr_warmup": "1", "save_every": "1",
+            "log_every": "1", "sample_every": "0", "skip_grad_norm": "1000", "mask_weight": "1", **extra})  # fmt: skip
+        return distill.run("vae", cfg)["rows"][0]["student"]
+
+    plain = student_loss("plain", {})
+    assert student_loss("spared", {"student_shift": "0.5", "student_shift_channels": "0-15:0"}) == plain
+    assert student_loss("shifted", {"student_shift": "0.5"}) != plain
