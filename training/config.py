@@ -227,7 +227,8 @@ class VAETrainConfig(RunConfig):
     student: str | None = None
     student_clips: int = 800  # clips made from --student (kept in the stage's folder; about 0.55 s each on 2 cores)
     student_batch: int = 2  # --student clips per step, beside --batch-size clips of the encoder's latents
-    # processes (one thread each) that make the --student clips; 0: one per core (2 cores: 2.84 clips/s, one process 2.14)
+    # processes (one thread each) that make the --student clips; 0: one per core, at most 8 (2 cores: 2.84 clips/s,
+    # one two-thread process 2.14)
     student_workers: int = 0
     # each --student clip's latents also move by one offset per channel, this many of the init's latent stds: the
     # student's latents drift off their 2-second selves over minutes, which the clips (2 seconds each) never show

@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -173,43 +174,87 @@ class ClipMaker:
         return {"latents": torch.stack(latents), "paths": torch.stack(paths), "prompts": prompts}
 
 
-_MAKER: ClipMaker | None = None  # a worker process's own, loaded once by _start_worker
+_MAKER: ClipMaker | BaseException | None = None  # a worker process's own (or why it could not load), by _start_worker
+MAX_DEFAULT_WORKERS = 8  # each worker loads the student and the VAE: more than this seldom pays on a shared host
 
 
 def _start_worker(student: Path, init: Path, size: int, text: Any) -> None:
     global _MAKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the workers
     torch.set_num_threads(1)  # one thread per process: on a small CPU, N processes make more clips than N threads
-    _MAKER = ClipMaker(student, init, size, text)
+    try:
+        _MAKER = ClipMaker(student, init, size, text)
+    except Exception as e:  # kept, and raised by the first shard: the caller sees it, not a broken pool
+        _MAKER = e
 
 
 def _write_shard(maker: ClipMaker, path: Path, first: int, count: int, frames: int, seed: int, sig: str) -> int:
     """Make one shard and write it atomically (a stopped run never leaves half a shard); the clips kept."""
     shard = maker.shard(first, count, frames, seed)
     shard["signature"], shard["count"] = sig, count
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # a process's own: two runs never share one
     torch.save(shard, tmp)
     tmp.replace(path)
     return len(shard["prompts"])
 
 
 def _worker_shard(path: Path, first: int, count: int, frames: int, seed: int, sig: str) -> int:
+    if isinstance(_MAKER, BaseException):
+        raise _MAKER
     assert _MAKER is not None, "_start_worker runs first"
     return _write_shard(_MAKER, path, first, count, frames, seed, sig)
 
 
 def default_workers() -> int:
-    """Processes that make clips: one per core the process may use."""
+    """Processes that make clips: one per core the process may use, at most ``MAX_DEFAULT_WORKERS``."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _read_shard(path: Path) -> dict[str, Any] | None:
+    """A kept shard, or None when there is none or it cannot be read (made again)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:  # e.g. a disk that filled up under an older version's writer
+        return None
+
+
+def _make_in_workers(jobs: list[tuple[Path, int, int]], workers: int, args: tuple[Any, ...], frames: int,
+                     seed: int, sig: str, report: Callable[[Path, int, int], None]) -> None:  # fmt: skip
+    """Make ``jobs`` (path, first clip, count) in ``workers`` spawned processes; on any error or Ctrl-C the
+    workers are stopped at once (the shards they finished stay on disk, the ones they were making are lost)."""
+    context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and locks
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=args)
+    try:
+        futures = {pool.submit(_worker_shard, path, first, n, frames, seed, sig): (path, n)
+                   for path, first, n in jobs}  # fmt: skip
+        for future in as_completed(futures):
+            report(*futures[future], future.result())
+    except BaseException as e:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()  # not one more shard: a stopped run must stop
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):  # a worker died before it could say why
+            raise RuntimeError(
+                f"a process making student clips stopped ({e}): killed (out of memory?), or the caller is a script "
+                "that worker processes import again, which then starts the work anew (put its entry under `if "
+                "__name__ == \"__main__\":`). Or make the clips in this process: --student-workers 1 (workers=1)"
+            ) from e
+        raise
+    pool.shutdown(wait=True)
 
 
 def student_clips(folder: Path, student: Path, init: Path, count: int, frames: int, size: int, seed: int,
                   text: Any = None, say: Callable[[str], None] = print, workers: int = 1) -> tuple[Tensor, Tensor]:  # fmt: skip
     """All ``count`` clips' (latents float32 [N, C, f, h, w], targets float32 [N, 3, F, H, W] in -1..1),
     made shard by shard into ``folder`` (kept: a resumed run reads them back) or read from there. With
-    ``workers`` > 1 the missing shards are made by that many one-thread processes at once (the same clips)."""
+    ``workers`` > 1 the missing shards are made by that many one-thread processes at once (the same clips up to
+    float rounding; a shard's finished files are kept whatever stops the rest)."""
     sig = _signature(student, init, frames, size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []  # (path, first, count) of each shard missing or made by another student, init or settings
@@ -217,7 +262,7 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
     for first in range(0, count, SHARD):
         path = folder / f"shard_{first // SHARD:04d}.pt"
         size_here = min(SHARD, count - first)  # the last shard of a run with fewer clips holds fewer
-        shard = torch.load(path, weights_only=False) if path.is_file() else None
+        shard = _read_shard(path)
         if shard is None or shard.get("signature") != sig or shard.get("count") != size_here:
             jobs.append((path, first, size_here))
         else:
@@ -231,24 +276,7 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
 
     workers = min(workers, len(jobs))
     if workers > 1:
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and locks
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(student, init, size, text)) as pool:  # fmt: skip
-            futures = {pool.submit(_worker_shard, path, first, n, frames, seed, sig): (path, n)
-                       for path, first, n in jobs}  # fmt: skip
-            try:
-                for future in as_completed(futures):
-                    report(*futures[future], future.result())
-            except BrokenProcessPool as e:  # a worker died before it could say why
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise RuntimeError(
-                    f"a process making student clips stopped ({e}); the shards finished so far are kept in {folder}. "
-                    "Called from a script of your own? Worker processes import it again: put its entry under "
-                    "`if __name__ == \"__main__\":`, or make the clips in this process (--student-workers 1)"
-                ) from e
-            except BaseException:  # a failed or stopped shard: the finished ones stay on disk, the rest never start
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        _make_in_workers(jobs, workers, (student, init, size, text), frames, seed, sig, report)
     elif jobs:
         maker = ClipMaker(student, init, size, text)  # loaded once, for every shard to make
         for path, first, n in jobs:

@@ -756,7 +756,7 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         raise ConfigError(f"--student-shift {cfg.student_shift}: offsets for --student's latents in latent stds; "
                           "use a value >= 0 with --student")  # fmt: skip
     student_sizes = shift_sizes(cfg.student_shift_channels, cfg.student_shift, cfg.arch.z_dim, "--student-shift-channels")
-    if any(student_sizes) and cfg.student is None:
+    if cfg.student_shift_channels and cfg.student is None:
         raise ConfigError(f"--student-shift-channels {cfg.student_shift_channels!r}: offsets for --student's latents; "
                           "use it with --student")  # fmt: skip
     if cfg.decoder_only or cfg.init:

@@ -88,13 +88,31 @@ def test_worker_processes_make_the_same_clips(tmp_path, monkeypatch) -> None:
     two = student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
     assert len(said) == 4 and said[-1].startswith("student clips 4/4 made")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["shard_0000.pt", "shard_0001.pt"]
-    for a, b in zip((tmp_path / "one").iterdir(), (tmp_path / "two").iterdir(), strict=True):
+    for a, b in zip(sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir()), strict=True):
         x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
         assert x["prompts"] == y["prompts"] and x["signature"] == y["signature"]
         assert torch.allclose(x["paths"], y["paths"], atol=0.01)
-    assert torch.allclose(one[0], two[0], atol=2e-2) and torch.equal(one[1], two[1])
+    assert torch.allclose(one[0], two[0], atol=2e-2)
+    assert torch.allclose(one[1], two[1], atol=2.5 / 127.5)  # targets drawn along those paths: a level or two
     student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
     assert len(said) == 4  # all kept: nothing made again
+
+
+def test_a_worker_that_cannot_load_the_student_says_why(tmp_path, monkeypatch) -> None:
+    """A --student that is a file but no checkpoint fails in the worker processes as it fails in this one:
+    the caller sees the loader's own error, not a broken pool or advice about scripts."""
+    monkeypatch.setattr(student_clips_module, "SHARD", 2)
+    bad = tmp_path / "not-a-dit.safetensors"
+    bad.write_bytes(b"not a checkpoint" * 64)
+    vae = embedded_file("shapes", "vae")
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(Exception) as caught:
+            student_clips(tmp_path / f"w{workers}", bad, vae, 4, 9, 64, 0, say=lambda m: None, workers=workers)
+        errors.append(caught.value)
+    assert type(errors[1]) is type(errors[0]) and str(errors[1]) == str(errors[0])
+    assert "__main__" not in str(errors[1])
+    assert not list((tmp_path / "w2").glob("shard_*"))  # nothing half made
 
 
 def test_a_script_without_a_main_guard_gets_told_the_fix(tmp_path) -> None:
