@@ -254,7 +254,7 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
     """All ``count`` clips' (latents float32 [N, C, f, h, w], targets float32 [N, 3, F, H, W] in -1..1),
     made shard by shard into ``folder`` (kept: a resumed run reads them back) or read from there. With
     ``workers`` > 1 the missing shards are made by that many one-thread processes at once (the same clips up to
-    float rounding; a shard's finished files are kept whatever stops the rest)."""
+    float rounding; the finished shards are kept whatever stops the rest)."""
     sig = _signature(student, init, frames, size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []  # (path, first, count) of each shard missing or made by another student, init or settings
