@@ -31,6 +31,20 @@ def _frames(video: Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
+class FrameCollector:
+    """The pipeline's writer for evaluation: keeps every chunk of uint8 frames it is given."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def write(self, chunk: Tensor | np.ndarray) -> None:
+        self.frames.append(np.asarray(chunk))
+
+    def video(self, n: int) -> np.ndarray:
+        """The first ``n`` frames written, uint8 [n, H, W, 3]."""
+        return np.concatenate(self.frames)[:n]
+
+
 def student(model: str, vae: WanVAE, size: int = 64, text: ShapesTextEncoder | None = None) -> GenerateFn:
     """The streaming causal student (a bundle source: embedded:NAME or a checkpoint)."""
     from causvid_core.bundle import load_bundle
@@ -42,18 +56,13 @@ def student(model: str, vae: WanVAE, size: int = 64, text: ShapesTextEncoder | N
         raise ValueError(f"{model} has no text encoder: pass one")
 
     def generate(prompt: str, seed: int, num_frames: int) -> np.ndarray:
-        frames: list[np.ndarray] = []
-
-        class Collect:
-            def write(self, chunk: Tensor) -> None:
-                frames.append(np.asarray(chunk))
-
+        out = FrameCollector()
         request = RenderRequest(size, size, num_frames, seed=seed, fps=bundle.fps)
         with torch.no_grad():
             render(bundle.model, PromptTimeline.single(encoder.encode([prompt])), request,
-                   decoder=vae.stream_decoder(), writer=Collect(), sampling=bundle.sampling,
+                   decoder=vae.stream_decoder(), writer=out, sampling=bundle.sampling,
                    causal=bundle.causal, keep_latents=False)  # fmt: skip
-        return np.concatenate(frames)[:num_frames]
+        return out.video(num_frames)
 
     return generate
 

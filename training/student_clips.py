@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .generators import FrameCollector
 from .metrics import frame_stats, wrapped
 from .shapes import (
     DIRECTION_VECTORS,
@@ -148,21 +149,14 @@ class ClipMaker:
             def reset(self) -> None:
                 self.inner.reset()
 
-        class Collect:
-            def __init__(self) -> None:
-                self.frames: list[np.ndarray] = []
-
-            def write(self, chunk: Tensor) -> None:
-                self.frames.append(np.asarray(chunk))
-
         latents, paths, prompts = [], [], []
         for index in range(first, first + count):
             prompt, video_seed = clip_prompt(seed, index)
-            capture, collect = Capture(), Collect()
+            capture, collect = Capture(), FrameCollector()
             render(bundle.model, PromptTimeline.single(self.encoder.encode([prompt])),
                    RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
                    writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
-            drawn = np.concatenate(collect.frames)[:frames]
+            drawn = collect.video(frames)
             path = target_path(drawn, prompt, self.offsets)
             if path is None:
                 continue

@@ -24,19 +24,9 @@ import torch
 
 from causvid_core.pipeline import PromptTimeline, RenderRequest, render, restyle
 
+from .generators import FrameCollector
 from .metrics import frame_stats, score_video, wrapped
 from .shapes import COLOURS, DIRECTIONS, FPS, ShapesPrompt, parse_prompt, prompt_set, render_video
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-
-    def write(self, chunk: Any) -> None:
-        self.frames.append(np.asarray(chunk))
-
-    def video(self, n: int) -> np.ndarray:
-        return np.concatenate(self.frames)[:n]
 
 
 def _other(options: tuple[str, ...], current: str, k: int) -> str:
@@ -60,7 +50,7 @@ def schedule_switch(bundle: Any, vae: Any, prompts: list[str], seconds: float = 
         switch_chunk = max(1, (latent_frames // causal.chunk_frames) // 2)
         contexts = [bundle.text_encoder.encode([p.text]), bundle.text_encoder.encode([q.text])]
         timeline = PromptTimeline({0: contexts[0], switch_chunk: contexts[1]})
-        out = _Collect()
+        out = FrameCollector()
         with torch.no_grad():
             render(bundle.model, timeline, request, decoder=vae.stream_decoder(), writer=out,
                    sampling=bundle.sampling, causal=causal, keep_latents=False)  # fmt: skip
@@ -89,7 +79,7 @@ def image_to_video(bundle: Any, vae: Any, prompts: list[str], seconds: float = 4
         image = torch.from_numpy(truth[:1]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, 1, H, W]
         with torch.no_grad():
             context = vae.encode(image)
-        out = _Collect()
+        out = FrameCollector()
         request = RenderRequest(64, 64, frames, seed=i, fps=FPS)
         with torch.no_grad():
             render(bundle.model, PromptTimeline.single(bundle.text_encoder.encode([text])), request,
@@ -124,7 +114,7 @@ def video_to_video(
         p = parse_prompt(text)
         q = ShapesPrompt(_other(tuple(COLOURS), p.colour, i), p.shape, p.direction, p.background)
         source = render_video(p, seed=200 + i, num_frames=frames)
-        out = _Collect()
+        out = FrameCollector()
         timeline = PromptTimeline.single(bundle.text_encoder.encode([q.text]))
         with torch.no_grad():
             restyle(bundle.model, vae, _source_chunks(source, bundle.causal.chunk_frames), timeline,
