@@ -366,9 +366,9 @@ def shift_sizes(spec: str, default: float, z_dim: int, flag: str = "--latent-shi
     return sizes
 
 
-def channel_shift_std(cfg: VAETrainConfig, init_std: Tensor | None) -> Tensor | None:
-    """The per-clip offsets' std per channel in raw latent units [1, C, 1, 1, 1] (None: no offsets)."""
-    sizes = shift_sizes(cfg.latent_shift_channels, cfg.latent_shift, cfg.arch.z_dim)
+def offset_std(sizes: list[float], init_std: Tensor | None) -> Tensor | None:
+    """Per-clip offsets' std per channel in raw latent units [1, C, 1, 1, 1] from ``sizes`` in latent stds
+    (``shift_sizes``); None: no offsets."""
     if init_std is None or not any(sizes):
         return None
     return torch.tensor(sizes, device=init_std.device).view(1, -1, 1, 1, 1) * init_std
@@ -791,10 +791,8 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     elif cfg.clean_channels:
         raise ConfigError(f"--clean-channels {cfg.clean_channels} names channels kept free of --latent-noise: "
                           "give --latent-noise too")  # fmt: skip
-    shift_std = channel_shift_std(cfg, init_std)
-    student_shift_std = None
-    if any(student_sizes) and init_std is not None:
-        student_shift_std = torch.tensor(student_sizes, device=dev).view(1, -1, 1, 1, 1) * init_std
+    shift_std = offset_std(shift_sizes(cfg.latent_shift_channels, cfg.latent_shift, cfg.arch.z_dim), init_std)
+    student_shift_std = offset_std(student_sizes, init_std)  # the same for --student's clips
     if not 0 <= cfg.code_swap <= 1 or (cfg.code_swap > 0 and not cfg.decoder_only):
         raise ConfigError(f"--code-swap {cfg.code_swap}: the share of a decoder fine-tune's clips decoded with "
                           "another shape's code; use a value in 0..1 with --decoder-only true")  # fmt: skip
