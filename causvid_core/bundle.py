@@ -98,6 +98,15 @@ def embedded_file(name: str, part: str) -> Path:
     return path
 
 
+def part_file(source: str | Path, part: str) -> Path:
+    """The weights file ``source`` names: for ``embedded:NAME`` its ``part`` ('dit', 'vae', 'text',
+    'teacher'; a clear error when that model lacks it), otherwise ``source`` itself as a path."""
+    source = str(source)
+    if source.startswith(EMBEDDED_PREFIX):
+        return embedded_file(source[len(EMBEDDED_PREFIX) :], part)
+    return Path(source)
+
+
 def vae_file(vae: str | None, model: str = "") -> Path | None:
     """The VAE weights named by ``vae`` (a file or ``embedded:NAME``); without one, the VAE of an embedded
     ``model``, or None when the model is a checkpoint (the caller says which VAE it needs)."""
@@ -105,13 +114,12 @@ def vae_file(vae: str | None, model: str = "") -> Path | None:
         if not model.startswith(EMBEDDED_PREFIX):
             return None
         vae = model
-    if vae.startswith(EMBEDDED_PREFIX):
-        return embedded_file(vae[len(EMBEDDED_PREFIX) :], "vae")
-    if not Path(vae).is_file():
+    path = part_file(vae, "vae")
+    if not path.is_file():
         raise FileNotFoundError(
             f"VAE file {vae} not found: give a Wan2.1 VAE .pth/.safetensors or embedded:NAME"
         )
-    return Path(vae)
+    return path
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from ..causvid_core.bundle import embedded_file
+from ..causvid_core.bundle import part_file
 from ..causvid_core.pipeline import PromptTimeline, RenderState, num_chunks, restyle
 from ..causvid_core.resume import RenderJob, render_to_file, resolve_resume
 from ..causvid_core.vae import load_wan_vae
@@ -60,7 +60,7 @@ class CausVidLoadVAE:
 
     def load(self, vae_name):
         if vae_name.startswith("embedded:"):
-            path = str(embedded_file(vae_name.split(":", 1)[1], "vae"))
+            path = str(part_file(vae_name, "vae"))
         else:
             path = full_path(vae_name, "vae")
         dev = device()

@@ -100,10 +100,10 @@ def build_codec(cfg: RunConfig, device: torch.device | str = "cpu") -> LatentCod
     if cfg.vae == "run":
         return CoreVAECodec(load_wan_vae(run_vae_path(cfg), device=device))
     if cfg.vae.startswith("embedded:"):
-        from causvid_core.bundle import embedded_file
+        from causvid_core.bundle import part_file
 
         try:
-            path = embedded_file(cfg.vae.split(":", 1)[1], "vae")
+            path = part_file(cfg.vae, "vae")
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
         return CoreVAECodec(load_wan_vae(path, device=device))

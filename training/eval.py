@@ -356,7 +356,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _model_fn(args: argparse.Namespace) -> Any:
     """The generator of ``--model`` / ``--teacher`` with its VAE and text encoder."""
-    from causvid_core.bundle import embedded_file, vae_file
+    from causvid_core.bundle import part_file, vae_file
     from causvid_core.vae import load_wan_vae
 
     from . import generators
@@ -380,9 +380,7 @@ def _model_fn(args: argparse.Namespace) -> Any:
     text = checkpoint_text_encoder(source, config)  # the config read once, for both
     if args.model:
         return generators.student(args.model, vae, text=text)
-    teacher = args.teacher
-    if teacher.startswith("embedded:"):  # the teacher an embedded model ships (teacher.safetensors)
-        teacher = embedded_file(teacher[len("embedded:") :], "teacher")
+    teacher = part_file(args.teacher, "teacher")  # embedded:NAME: the teacher it ships (teacher.safetensors)
     chunk = args.causal_chunk if args.causal_chunk is not None else _trained_causal_chunk(Path(teacher))
     return generators.teacher(teacher, vae, text, steps=args.teacher_steps, guidance=args.guidance,
                               causal_chunk=chunk)  # fmt: skip

@@ -84,13 +84,12 @@ class CheckpointManager:
                 vae = str(run_vae_path(self.cfg))
             except ValueError:
                 return None, None
-        if vae.startswith("embedded:"):
-            from causvid_core.bundle import embedded_file
+        from causvid_core.bundle import part_file
 
-            try:
-                vae = str(embedded_file(vae.split(":", 1)[1], "vae"))
-            except FileNotFoundError:
-                return None, None
+        try:
+            vae = str(part_file(vae, "vae"))
+        except FileNotFoundError:  # an embedded model without a VAE
+            return None, None
         stats = latent_stats_of(vae) if Path(vae).suffix == ".safetensors" else None
         return stats if stats is not None else (None, None)
 

@@ -981,14 +981,14 @@ def _default_init(cfg: VAETrainConfig) -> Path:
 
 def _student_data(cfg: VAETrainConfig, ctx: dist.DistContext, init: Path) -> tuple[Tensor, Tensor]:
     """--student's clips (training/student_clips.py), made once by the main rank into the stage's folder."""
-    from causvid_core.bundle import embedded_file
+    from causvid_core.bundle import part_file
 
     from .data import checkpoint_text_encoder
     from .distill import _say
     from .student_clips import default_workers, student_clips
 
     name = str(cfg.student)
-    path = embedded_file(name[len("embedded:") :], "dit") if name.startswith("embedded:") else Path(name)
+    path = part_file(name, "dit")
     if not path.is_file():
         raise ConfigError(f"--student {name} not found: give a student's checkpoint (e.g. this run's "
                           "ode-init-causal-teacher/final.safetensors) or embedded:NAME")  # fmt: skip

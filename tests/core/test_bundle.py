@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causvid_core.bundle import embedded_file, load_bundle, parse_steps, settings_metadata, vae_file
+from causvid_core.bundle import embedded_file, load_bundle, part_file, parse_steps, settings_metadata, vae_file
 from causvid_core.checkpoint import save_model
 from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
 from causvid_core.model import CausalWanModel
@@ -70,3 +70,19 @@ def test_a_vae_is_named_by_file_or_embedded_name_everywhere(tmp_path) -> None:
         FileNotFoundError, match=r"VAE file .*missing.safetensors not found: give a Wan2.1 VAE"
     ):
         vae_file(str(tmp_path / "missing.safetensors"))
+
+
+def test_any_part_of_an_embedded_model_is_named_the_same_way(tmp_path, monkeypatch) -> None:
+    """``embedded:NAME`` names one part's file wherever a part is asked for (--student's DiT, eval's
+    --teacher, a run's VAE); a file path passes through; a part the model lacks is a clear error."""
+    for part in ("dit", "vae", "text", "teacher"):
+        assert part_file("embedded:shapes", part) == embedded_file("shapes", part)
+    own = tmp_path / "student.safetensors"
+    assert part_file(own, "dit") == own and part_file(str(own), "dit") == own
+    local = tmp_path / "mine"
+    local.mkdir()
+    (local / "dit.safetensors").write_bytes(b"x")
+    monkeypatch.setenv("CAUSVID_EMBEDDED_PATH", str(tmp_path))
+    assert part_file("embedded:mine", "dit") == local / "dit.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"embedded model 'embedded:mine' has no teacher weights"):
+        part_file("embedded:mine", "teacher")
