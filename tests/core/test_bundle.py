@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from causvid_core.bundle import embedded_file, load_bundle, part_file, parse_steps, settings_metadata, vae_file
+from causvid_core.bundle import (
+    embedded_file,
+    load_bundle,
+    parse_steps,
+    part_file,
+    settings_metadata,
+    vae_file,
+)
 from causvid_core.checkpoint import save_model
 from causvid_core.config import PRESETS, CausalConfig, SamplingConfig
 from causvid_core.model import CausalWanModel
