@@ -183,6 +183,9 @@ class VAETrainConfig(RunConfig):
     centroid_read: str = "moment"
     # --centroid-weight on the offset's change from frame to frame (the object's steps), not on the offset
     centroid_motion: bool = False
+    # the object's fill ratio (area / bounding box) and box size, soft-segmented as the figures segment, against
+    # the true object's: a decoder rounds the corners it is unsure of, which costs few pixels but names the shape
+    box_weight: float = 0.0
     colour_weight: float = 0.0  # extra MSE between the 8x8 cell means of the reconstruction and the clip
     object_colour_weight: float = 0.0  # squared error of the object's mean colour in every frame
     shape_weight: float = 0.0  # latent channels 3-5 of the object's cells regress onto a code of its shape

@@ -292,6 +292,62 @@ def test_the_centroid_flags_choose_the_term_vae_loss_adds(monkeypatch) -> None:
     assert len(seen) == 2  # the flags reach the loss: the static term and the motion term differ
 
 
+def test_box_loss_reads_the_fill_ratio_as_the_figures_do_and_asks_for_the_corners_back() -> None:
+    """``--box-weight``: the soft box term is 0 for the video itself and reads each frame's fill ratio as
+    training/metrics.py does, also for an object straddling the canvas edge; a square drawn with its
+    corners cut (what the decoders draw) costs something, and its gradient paints the corners back in;
+    a stray pixel away from the object costs too (it adds a row and a column to the box)."""
+    from training import metrics
+    from training.vae_stage import background, box_loss, box_stats, centre_on, object_mask
+
+    frames = render_video("a red square moving right on a gray background", 3, 5, 64)
+    video = to_model_range(frames)[None]
+    at_edge = torch.roll(video, 64 - int(video[0, 0, 0].gt(0.5).float().mean(0).argmax()) + 3, dims=-1)
+    for clip in (video, at_edge):
+        truth = object_mask(clip, background(clip))[:, 0]
+        area, height, width = box_stats(centre_on(truth.float(), truth))
+        rgb = ((clip[0].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        expected = metrics.frame_stats(rgb, (128, 128, 128)).fill
+        np.testing.assert_allclose((area / (height * width))[0].numpy(), expected, atol=1e-6)
+        assert box_loss(clip, clip).item() == pytest.approx(0.0, abs=1e-4)
+
+    cut = video.clone()
+    truth = object_mask(video, background(video))[0, 0]  # [T, H, W]
+    corners = torch.zeros_like(truth)
+    for t in range(truth.shape[0]):
+        ys, xs = torch.nonzero(truth[t], as_tuple=True)
+        for y, x in ((ys.min(), xs.min()), (ys.min(), xs.max()), (ys.max(), xs.min()), (ys.max(), xs.max())):
+            corners[t, y, x] = True
+    cut[0][:, corners] = 128 / 127.5 - 1  # the gray background
+    cut.requires_grad_(True)
+    loss = box_loss(cut, video)
+    loss.backward()
+    assert loss.item() > 1e-4
+    red = torch.tensor([230, 40, 40]) / 127.5 - 1
+    towards_red = (red - cut.detach()[0][:, corners].T)  # [corners, 3]
+    assert ((-cut.grad[0][:, corners].T) * towards_red).sum(-1).gt(0).all()  # descent repaints every corner
+
+    stray = video.clone()
+    stray[0, :, :, 2, 2] = red[:, None]  # one red pixel far from the object, in every frame
+    assert box_loss(stray, video).item() > 100 * box_loss(video, video).item() + 1e-3
+
+
+def test_box_weight_adds_the_box_term_of_the_reconstruction(monkeypatch) -> None:
+    """``--box-weight W`` adds W times exactly ``box_loss(recon, clip)`` (the decoder here draws the clip
+    blurred, so the object's box grows and its fill ratio falls)."""
+    from training import vae_stage
+
+    base = make_config("vae", "tiny", {})
+    vae, video, eps = tiny_vae_batch(base)
+    drawn = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(video, (1, 1, 1, 1, 0, 0), mode="circular"),
+                                           (1, 3, 3), stride=1)
+    monkeypatch.setattr(vae_stage, "reconstruct", lambda vae, z: drawn)
+    plain, _ = vae_stage.vae_loss(vae, video, eps, base, 0.0)
+    weighted, parts = vae_stage.vae_loss(vae, video, eps, make_config("vae", "tiny", {"box_weight": "3"}), 0.0)
+    expected = vae_stage.box_loss(drawn, video).item()
+    assert expected > 0.01 and parts["box"] == pytest.approx(expected, rel=1e-4)
+    assert weighted.item() == pytest.approx(plain.item() + 3 * expected, rel=1e-4)
+
 def test_edge_read_of_the_shift_matches_the_centroids_and_spreads_its_push_over_the_outline() -> None:
     """``--centroid-read edge``: the same 0.5 as the moment read for a one-pixel move (either axis, across the
     wrap), and its gradient on a triangle moved by a pixel leans on the tips less than the moment read's
