@@ -11,7 +11,7 @@ RUNS=${RUNS:-runs}
 RUN="$RUNS/shapes"
 COMMON=(--preset shapes --name shapes --runs-dir "$RUNS")
 VAE="$RUN/vae-decoder/final.safetensors"  # the shipped decoder of versions 6-12, and the one Table 4 and Figure 8 compare
-# every DiT through (version 14 ships vae-student, fitted to ours: below); the VAE stage's own before it
+# every DiT through (versions 14-16 ship vae-student, fitted to ours: below); the VAE stage's own before it
 [ -f "$VAE" ] || VAE="$RUN/vae/final.safetensors"
 OUT="$RUN/eval"
 PROMPTS=${PROMPTS:-64}
@@ -68,7 +68,7 @@ ev drift-causal-dmd --model "$RUN/dmd-causal-teacher/final.safetensors" --prompt
    "$OUT/drift-causal-dmd.json=ODE init + causal teacher (DMD)" \
    "$OUT/drift-bidirectional-dmd.json=ODE init + bidirectional teacher" --drift "$OUT/figure8.png"
 
-# Versions 14 and 15 ship a decoder fine-tuned on ours' own latents (vae-student): ours through it, beside the rows
+# Versions 14 to 16 ship a decoder fine-tuned on ours' own latents (vae-student): ours through it, beside the rows
 # above, which compare the DiTs through vae-decoder (none of them was fitted to it)
 OWN="$RUN/vae-student/final.safetensors"
 if [ -f "$OWN" ]; then

@@ -10,8 +10,11 @@
 # thread each (default 2: on a 2-core CPU two one-thread ranks move more samples per second than one
 # two-thread process). The step counts and per-rank batches of the shapes preset assume 2 ranks.
 #
+# Version 16: version 15's recipe with two more terms in the last stage: the object's proportions
+# (--box-weight 10) and its steps from frame to frame (--centroid-weight 2 --centroid-motion true).
 # Version 15: version 14's recipe with the last stage at 300 steps, its student clips offset by 0.1 latent
-# stds on every channel but the shape code (3-5), and those clips made by one one-thread process per core.
+# stds on every channel but the shape code (3-5), and those clips made by one one-thread process per core
+# (git show ce06ed6:scripts/train_shapes.sh).
 # Version 14: version 12's recipe and a last stage that fine-tunes the decoder on the student's own latents
 # (400 steps, no offsets: git show 801e962:scripts/train_shapes.sh).
 # Version 12: a VAE whose latent carries the prompt's colour, shape and direction where the object is
@@ -92,14 +95,17 @@ stage ode-init --teacher-kind causal --resume
 # by one offset per channel of 0.1 stds, none on the shape code: over minutes the student's latents drift, and
 # without offsets a cyan triangle turns teal after 20 s; offsets on the shape code too cost shape accuracy
 # (version 15). The clips are made by one one-thread process per core (--student-workers; 2.84 clips/s on 2
-# cores where one two-thread process makes 2.14: about 4.7 min). Shipped as vae.safetensors; Table 4 and Figure 8 compare the DiTs through vae-decoder, which none of
+# cores where one two-thread process makes 2.14: about 4.7 min). Version 16 adds a term on the object's
+# proportions (--box-weight: its fill ratio and box size against the true object's; the fill-ratio rule names
+# the shape, and pixel losses round the corners it reads) and version 10's step term (--centroid-motion).
+# Shipped as vae.safetensors; Table 4 and Figure 8 compare the DiTs through vae-decoder, which none of
 # them was fitted to
 vae "$V/vae-student" --decoder-only true --init "$V/vae-decoder/final.safetensors" \
     --student "$V/ode-init-causal-teacher/final.safetensors" --student-clips 800 --student-batch 2 --batch-size 2 \
     --student-shift 0.1 --student-shift-channels 3-5:0 --steps 300 --lr 1e-4 --lr-warmup 20 --latent-noise 0.25 \
     --clean-channels 0-2 --latent-shift 0.3 \
     --clip-frames 17 --mask-weight 7 --colour-weight 10 --object-colour-weight 1 --object-weight 10 \
-    --guide-steps 0 --image-steps 0 --skip-grad-norm 1000
-# versions 6 to 15 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
+    --guide-steps 0 --image-steps 0 --skip-grad-norm 1000 --box-weight 10 --centroid-weight 2 --centroid-motion true
+# versions 6 to 16 ship the ODE-init student: on this VAE and teacher, DMD after it lowers temporal and frame quality
 # (docs/reproduction.md, Table 4; scripts/reproduce_shapes.sh trains that row)
 "$PY" -m training.export --name shapes --runs-dir "$RUNS" --dit ode-init-causal-teacher --teacher teacher-causal
