@@ -29,7 +29,8 @@ from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 from . import dist
 from .config import CENTROID_READS, ConfigError, VAETrainConfig, stage_dir, stage_name
 from .data import run_vae_path
-from .shapes import DIRECTION_VECTORS, SHAPE_NAMES, ShapesDataset, parse_prompt
+from .metrics import MIN_AREA
+from .shapes import DIRECTION_VECTORS, REFERENCE_SIZE, SHAPE_NAMES, ShapesDataset, parse_prompt
 from .state import Trainable, save_weights
 
 LATENTS_META = "causvid_latents"  # the key causvid_core.bundle reads (kept in sync by a test)
@@ -93,6 +94,12 @@ def object_logit(video: Tensor, bg: Tensor) -> Tensor:
     scaled by ``MASK_SOFTNESS``; its sigmoid is a soft object mask."""
     dist = ((video - bg).square().sum(1) + 1e-6).sqrt()
     return (dist - OBJECT_DISTANCE) / MASK_SOFTNESS
+
+
+def present_area(video: Tensor) -> float:
+    """Object pixels a frame of ``video`` needs for the object to count as there: the figures' ``MIN_AREA``
+    at 64x64, scaled to the frame's size."""
+    return MIN_AREA * video.shape[-1] * video.shape[-2] / REFERENCE_SIZE**2
 
 
 def circular_centroid(mask: Tensor) -> Tensor:
@@ -170,8 +177,7 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bo
         delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     else:
         raise ConfigError(f"--centroid-read must be one of {', '.join(CENTROID_READS)}, got {read!r}")
-    min_area = 16.0 * video.shape[-1] * video.shape[-2] / 64**2  # the figures' MIN_AREA (16 px at 64x64)
-    there = (truth.sum((-1, -2)) >= min_area).to(delta)
+    there = (truth.sum((-1, -2)) >= present_area(video)).to(delta)
     if motion:
         delta, there = delta[:, 1:] - delta[:, :-1], there[:, 1:] * there[:, :-1]
     err = torch.sqrt(delta.square().sum(-1) + 1e-6)
@@ -179,20 +185,20 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bo
 
 
 def centre_on(maps: Tensor, truth: Tensor) -> Tensor:
-    """``maps`` [B, T, H, W] rolled frame by frame (the canvas wraps around) so that the centroid of the
-    hard mask ``truth`` (same shape) sits at the canvas centre, as training/metrics.py centres a frame
-    before it measures the fill ratio."""
-    b, t, h, w = maps.shape
+    """``maps`` [..., B, T, H, W] rolled frame by frame (the canvas wraps around) so that the centroid of the
+    hard mask ``truth`` [B, T, H, W] sits at the canvas centre, as training/metrics.py centres a frame
+    before it measures the fill ratio; maps stacked on the leading dims share one centring."""
+    b, t, h, w = truth.shape
+    size = torch.tensor([w, h], device=truth.device)
     angles = circular_centroid(truth.float()).reshape(b * t, 2)  # (x, y) in radians
-    pos = torch.remainder(angles / (2 * math.pi) * torch.tensor([w, h], device=maps.device),
-                          torch.tensor([w, h], device=maps.device))
-    shift = torch.tensor([w // 2, h // 2], device=maps.device) - pos.floor().long()  # [B*T, 2]
-    flat = maps.reshape(b * t, h, w)
-    rows = torch.remainder(torch.arange(h, device=maps.device)[None] - shift[:, 1:], h)  # [B*T, H]
-    cols = torch.remainder(torch.arange(w, device=maps.device)[None] - shift[:, :1], w)
-    flat = torch.gather(flat, 1, rows[:, :, None].expand(-1, -1, w))
-    flat = torch.gather(flat, 2, cols[:, None, :].expand(-1, h, -1))
-    return flat.reshape(b, t, h, w)
+    shift = size // 2 - torch.remainder(angles / (2 * math.pi) * size, size).floor().long()  # [B*T, 2]
+    rows = torch.remainder(torch.arange(h, device=truth.device)[None] - shift[:, 1:], h)  # [B*T, H]
+    cols = torch.remainder(torch.arange(w, device=truth.device)[None] - shift[:, :1], w)
+    lead = maps.shape[:-4]
+    flat = maps.reshape(*lead, b * t, h, w)
+    flat = torch.gather(flat, -2, rows[:, :, None].expand(*lead, -1, -1, w))
+    flat = torch.gather(flat, -1, cols[:, None, :].expand(*lead, -1, h, -1))
+    return flat.reshape(maps.shape)
 
 
 def box_stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,14 +219,12 @@ def box_loss(recon: Tensor, video: Tensor) -> Tensor:
     ratio cannot be met by stray pixels that stretch the box."""
     bg = background(video)
     truth = object_mask(video, bg)[:, 0]  # [B, T, H, W] bool
-    soft = centre_on(torch.sigmoid(object_logit(recon, bg)), truth)
-    hard = centre_on(truth.to(recon.dtype), truth)
+    soft, hard = centre_on(torch.stack([torch.sigmoid(object_logit(recon, bg)), truth.to(recon.dtype)]), truth)
     area, height, width = box_stats(soft)
     t_area, t_height, t_width = box_stats(hard)
-    min_area = 16.0 * video.shape[-1] * video.shape[-2] / 64**2  # the figures' MIN_AREA (16 px at 64x64)
     rows, cols = hard.amax(-1), hard.amax(-2)  # [B, T, H], [B, T, W]
     clear = (rows[..., 0] + rows[..., -1] + cols[..., 0] + cols[..., -1]) == 0
-    there = ((t_area >= min_area) & clear).to(recon.dtype)
+    there = ((t_area >= present_area(video)) & clear).to(recon.dtype)
     fill, t_fill = area / (height * width).clamp_min(1.0), t_area / (t_height * t_width).clamp_min(1.0)
     err = (fill - t_fill).square() + ((height - t_height) / t_height.clamp_min(1.0)).square() \
         + ((width - t_width) / t_width.clamp_min(1.0)).square()
