@@ -233,6 +233,10 @@ class VAETrainConfig(RunConfig):
     # processes (one thread each) that make the --student clips; 0: one per core, at most 8 (2 cores: 2.84 clips/s,
     # one two-thread process 2.14)
     student_workers: int = 0
+    # frames of the centred moving average over each --student clip's deviation from a straight path at the
+    # prompt's speed, before its target is drawn along it; 0: none of the deviation, the straight path through
+    # the clip's mean position (the shards keep the measured path, so any value reuses them)
+    student_smooth: int = 5
     # each --student clip's latents also move by one offset per channel, this many of the init's latent stds: the
     # student's latents drift off their 2-second selves over minutes, which the clips (2 seconds each) never show
     student_shift: float = 0.0

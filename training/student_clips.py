@@ -6,12 +6,14 @@ blobs: the student's latents lie off the encoder's, and those decoders never saw
 makes the pairs a decoder fine-tune needs to learn them: the student streams a clip of a random prompt,
 the init decoder draws it, the object's centroid is measured in every frame (as the figures measure it),
 and the target is the prompt's object rendered exactly (its shape, colour and background) along the
-student's own path, smoothed over 5 frames. The target keeps where the student put the object (a causal
-decoder cannot move it far from where its latents say without drifting) and asks only for what the
-student meant: the right shape, clean edges and even steps.
+student's own path: a straight line at the prompt's velocity plus the drawing's deviation from it,
+averaged over ``smooth`` frames (5 by default; 0 keeps none of it). The target keeps where the student put
+the object (a causal decoder cannot move it far from where its latents say without drifting) and asks only
+for what the student meant: the right shape, clean edges and even steps.
 
 Clips are made in shards of ``SHARD`` and kept in the stage's folder, so a stopped run resumes without
 making them again; a shard is only reused when it was made by the same student, init VAE and settings.
+A shard keeps each clip's measured path, not its target, so every ``smooth`` reads the same shards.
 Missing shards are made by several one-thread processes at once (``workers``): on a 2-core CPU two such
 processes make about a third more clips per second than one process with two threads (2.84 against 2.14).
 """
@@ -47,9 +49,11 @@ from .shapes import (
 )
 
 SHARD = 64  # clips per shard file
-SMOOTH_FRAMES = 5  # the centred moving average over the student's path
+SMOOTH_FRAMES = 5  # the centred moving average over the student's path (--student-smooth's default)
 MAX_PATH_ERROR = 4.0  # px (at 64x64): a clip whose path is this far (rms) from a straight one is skipped
-FORMAT = 2  # shards keep each target's path (1 kept the drawn targets, 400 times the bytes)
+# shards keep each clip's measured path, its start and deviation (1 kept the drawn targets, 400 times the bytes;
+# 2 the smoothed path, so another --student-smooth meant making them again)
+FORMAT = 3
 
 
 def _centroid_offsets(size: int) -> dict[str, np.ndarray]:
@@ -62,29 +66,56 @@ def _centroid_offsets(size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
-    """Bounding-box centres [F, 2] of the prompt's object along the path a drawn video [F, H, W, 3] shows:
-    its measured centroids, less the shape's centroid offset, as a straight path at the prompt's velocity
-    plus the drawing's deviation from it smoothed over ``SMOOTH_FRAMES``. None when the object is missing in
-    a frame or the path strays more than ``MAX_PATH_ERROR`` px (rms) from a straight one: no clean target."""
+def measure_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The path a drawn video [F, H, W, 3] shows, as (start [2], deviation [F, 2]): the straight path at the
+    prompt's velocity through the drawing's mean position starts at ``start`` (a bounding-box centre), and the
+    drawing's measured centroids (less the shape's centroid offset) lie ``deviation`` off it, frame by frame.
+    None when the object is missing in a frame or the path strays more than ``MAX_PATH_ERROR`` px (rms) from
+    the straight one: no clean target."""
     p = parse_prompt(prompt)
     size = video.shape[2]
     offsets = offsets or _centroid_offsets(size)
     stats = frame_stats(video, p.background_rgb)
     if not stats.present.all():
         return None
-    velocity = SPEED * size / REFERENCE_SIZE * np.array(DIRECTION_VECTORS[p.direction], dtype=np.float64)
     t = np.arange(len(video), dtype=np.float64)[:, None]
-    start = np.mod(stats.centroid - offsets[p.shape] - velocity * t, size)  # [F, 2] each frame's start point
+    start = np.mod(stats.centroid - offsets[p.shape] - _velocity(prompt, size) * t, size)  # each frame's start
     angle = start * 2 * np.pi / size
     mean = np.mod(np.arctan2(np.sin(angle).mean(0), np.cos(angle).mean(0)) * size / (2 * np.pi), size)
     deviation = wrapped(start - mean, size)
     if np.sqrt((deviation**2).sum(1).mean()) * REFERENCE_SIZE / size > MAX_PATH_ERROR:
         return None
-    k = min(SMOOTH_FRAMES, len(video))
-    padded = np.pad(deviation, ((k // 2, k - 1 - k // 2), (0, 0)), mode="edge")
-    smooth = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(2)], 1)
-    return np.mod(mean + velocity * t + smooth, size)
+    return mean, deviation
+
+
+def smooth_path(prompt: str, start: np.ndarray, deviation: np.ndarray, size: int,
+                smooth: int = SMOOTH_FRAMES) -> np.ndarray:  # fmt: skip
+    """Bounding-box centres [F, 2]: the straight path from ``start`` at the prompt's velocity plus ``deviation``
+    [F, 2] averaged over ``smooth`` frames (a centred moving average, the ends held); 0 keeps none of the
+    deviation, the straight path itself."""
+    t = np.arange(len(deviation), dtype=np.float64)[:, None]
+    if smooth == 0:
+        kept = np.zeros_like(deviation)
+    else:
+        k = min(smooth, len(deviation))
+        padded = np.pad(deviation, ((k // 2, k - 1 - k // 2), (0, 0)), mode="edge")
+        kept = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(2)], 1)
+    return np.mod(start + _velocity(prompt, size) * t + kept, size)
+
+
+def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None,
+                smooth: int = SMOOTH_FRAMES) -> np.ndarray | None:  # fmt: skip
+    """Bounding-box centres [F, 2] of the prompt's object along the path a drawn video [F, H, W, 3] shows,
+    ``measure_path`` then ``smooth_path``; None where there is no clean target."""
+    measured = measure_path(video, prompt, offsets)
+    return None if measured is None else smooth_path(prompt, *measured, video.shape[2], smooth)
+
+
+def _velocity(prompt: str, size: int) -> np.ndarray:
+    """The prompt's object's step per frame [2] (x, y) at ``size`` px."""
+    direction = DIRECTION_VECTORS[parse_prompt(prompt).direction]
+    return SPEED * size / REFERENCE_SIZE * np.array(direction, dtype=np.float64)
 
 
 def render_along(prompt: str, centres: np.ndarray, size: int) -> np.ndarray:
@@ -109,7 +140,7 @@ def _signature(student: Path, init: Path, frames: int, size: int, seed: int) -> 
         h.update(str(path.stat().st_size).encode())
         with open(path, "rb") as f:
             h.update(f.read(1 << 20))
-    h.update(json.dumps([frames, size, seed, SMOOTH_FRAMES, MAX_PATH_ERROR, FORMAT]).encode())
+    h.update(json.dumps([frames, size, seed, MAX_PATH_ERROR, FORMAT]).encode())
     return h.hexdigest()[:16]
 
 
@@ -130,9 +161,9 @@ class ClipMaker:
 
     @torch.no_grad()
     def shard(self, first: int, count: int, frames: int, seed: int) -> dict[str, Any]:
-        """Clips [first, first + count): latents [N, C, f, h, w] (normalised, float16), each target's path
-        [N, frames, 2] (float64 bounding-box centres, ``target_path``) and prompts; clips without a clean target
-        are left out. The targets themselves are drawn when the shard is read (``render_along``)."""
+        """Clips [first, first + count): latents [N, C, f, h, w] (normalised, float16), each drawing's measured
+        path (``measure_path``: starts [N, 2], deviations [N, frames, 2], float64) and prompts; clips without a
+        clean target are left out. The targets are smoothed and drawn when the shard is read."""
         from causvid_core.pipeline import PromptTimeline, RenderRequest, render
 
         vae, bundle, size = self.vae, self.bundle, self.size
@@ -149,7 +180,7 @@ class ClipMaker:
             def reset(self) -> None:
                 self.inner.reset()
 
-        latents, paths, prompts = [], [], []
+        latents, starts, deviations, prompts = [], [], [], []
         for index in range(first, first + count):
             prompt, video_seed = clip_prompt(seed, index)
             capture, collect = Capture(), FrameCollector()
@@ -157,15 +188,17 @@ class ClipMaker:
                    RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
                    writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
             drawn = collect.video(frames)
-            path = target_path(drawn, prompt, self.offsets)
-            if path is None:
+            measured = measure_path(drawn, prompt, self.offsets)
+            if measured is None:
                 continue
             latents.append(torch.cat(capture.latents, 2)[0].half())
-            paths.append(torch.from_numpy(path))
+            starts.append(torch.from_numpy(measured[0]))
+            deviations.append(torch.from_numpy(measured[1]))
             prompts.append(prompt)
         if not latents:
-            return {"latents": None, "paths": None, "prompts": []}
-        return {"latents": torch.stack(latents), "paths": torch.stack(paths), "prompts": prompts}
+            return {"latents": None, "starts": None, "deviations": None, "prompts": []}
+        return {"latents": torch.stack(latents), "starts": torch.stack(starts), "deviations": torch.stack(deviations),
+                "prompts": prompts}  # fmt: skip
 
 
 _MAKER: ClipMaker | BaseException | None = None  # a worker process's own (or why it could not load), by _start_worker
@@ -244,11 +277,14 @@ def _make_in_workers(jobs: list[tuple[Path, int, int]], workers: int, args: tupl
 
 
 def student_clips(folder: Path, student: Path, init: Path, count: int, frames: int, size: int, seed: int,
-                  text: Any = None, say: Callable[[str], None] = print, workers: int = 1) -> tuple[Tensor, Tensor]:  # fmt: skip
+                  text: Any = None, say: Callable[[str], None] = print, workers: int = 1,
+                  smooth: int = SMOOTH_FRAMES) -> tuple[Tensor, Tensor]:  # fmt: skip
     """All ``count`` clips' (latents float32 [N, C, f, h, w], targets float32 [N, 3, F, H, W] in -1..1),
     made shard by shard into ``folder`` (kept: a resumed run reads them back) or read from there. With
     ``workers`` > 1 the missing shards are made by that many one-thread processes at once (the same clips up to
-    float rounding; the finished shards are kept whatever stops the rest)."""
+    float rounding; the finished shards are kept whatever stops the rest). Each target is the prompt's object
+    drawn along its drawing's path with the deviation from a straight one averaged over ``smooth`` frames
+    (``smooth_path``; 0: the straight path), so the same shards serve any ``smooth``."""
     sig = _signature(student, init, frames, size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = []  # (path, first, count) of each shard missing or made by another student, init or settings
@@ -282,7 +318,8 @@ def student_clips(folder: Path, student: Path, init: Path, count: int, frames: i
         raise ValueError(f"none of the {count} clips of {student} drew one object along a path: is it a trained "
                          "student of this run's VAE?")  # fmt: skip
     latents = torch.cat([s["latents"] for s in shards]).float()
-    drawn = [render_along(prompt, path.numpy(), size)
-             for shard in shards for prompt, path in zip(shard["prompts"], shard["paths"], strict=True)]
+    drawn = [render_along(prompt, smooth_path(prompt, start.numpy(), deviation.numpy(), size, smooth), size)
+             for shard in shards
+             for prompt, start, deviation in zip(shard["prompts"], shard["starts"], shard["deviations"], strict=True)]
     targets = torch.from_numpy(np.stack(drawn)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     return latents, targets

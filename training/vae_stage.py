@@ -806,6 +806,9 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.student_workers < 0:
         raise ConfigError(f"--student-workers {cfg.student_workers}: processes that make --student's clips; give "
                           "1 or more, or 0 for one per core")  # fmt: skip
+    if cfg.student_smooth < 0:
+        raise ConfigError(f"--student-smooth {cfg.student_smooth}: frames the deviation of each --student clip's path "
+                          "from a straight one is averaged over; give 1 or more, or 0 for the straight path")  # fmt: skip
     if cfg.student_shift < 0 or (cfg.student_shift > 0 and cfg.student is None):
         raise ConfigError(f"--student-shift {cfg.student_shift}: offsets for --student's latents in latent stds; "
                           "use a value >= 0 with --student")  # fmt: skip
@@ -1051,7 +1054,7 @@ def _student_data(cfg: VAETrainConfig, ctx: dist.DistContext, init: Path) -> tup
     def make() -> tuple[Tensor, Tensor]:
         return student_clips(folder, path, init, cfg.student_clips, cfg.num_frames, cfg.height, cfg.seed,
                              text=checkpoint_text_encoder(name), say=lambda m: _say(ctx, m),
-                             workers=cfg.student_workers or default_workers())  # fmt: skip
+                             workers=cfg.student_workers or default_workers(), smooth=cfg.student_smooth)  # fmt: skip
 
     if ctx.is_main:
         data = make()

@@ -18,10 +18,14 @@ from training import student_clips as student_clips_module
 from training.config import ConfigError, make_config, stage_name
 from training.eval import score_video
 from training.shapes import object_centres, render_video
-from training.student_clips import SHARD, render_along, student_clips, target_path
+from training.student_clips import SHARD, measure_path, render_along, smooth_path, student_clips, target_path
 from training.vae_stage import shift_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def wrapped_diff(a: torch.Tensor, b: torch.Tensor, size: int = 64) -> torch.Tensor:
+    return torch.remainder(a - b + size / 2, size) - size / 2
 PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
            "a green circle moving down on a white background")  # fmt: skip
 
@@ -51,6 +55,25 @@ def test_a_jittery_drawing_gets_an_even_target_where_it_was(prompt: str) -> None
     assert after["text_alignment"] == pytest.approx(100.0)
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smooth_zero_asks_for_the_straight_path_through_the_drawing(prompt: str) -> None:
+    """--student-smooth 0: the target keeps where the drawing was on average but none of its wobble, so it
+    moves at the prompt's speed in every frame; a longer average lies between that and 5 frames."""
+    truth = object_centres(prompt, 3, np.arange(33))
+    wobble = np.random.default_rng(2).normal(0, 0.6, truth.shape)
+    drawing = render_along(prompt, np.mod(truth + 1.5 + wobble, 64), 64)  # off the truth by 1.5 px and wobbling
+    measured = measure_path(drawing, prompt)
+    assert measured is not None
+    straight = smooth_path(prompt, *measured, 64, smooth=0)
+    assert np.abs(np.mod(np.diff(straight, axis=0) - (truth[1] - truth[0]) + 32, 64) - 32).max() < 1e-9
+    assert np.abs(np.mod(straight - truth - 1.5 + 32, 64) - 32).max() < 0.5  # where the drawing was
+    scores = [score_video(render_along(prompt, smooth_path(prompt, *measured, 64, smooth=k), 64), prompt)
+              for k in (5, 13, 0)]  # fmt: skip
+    assert scores[0]["temporal_quality"] < scores[1]["temporal_quality"] < scores[2]["temporal_quality"]
+    assert scores[2]["temporal_quality"] > 99 and scores[2]["text_alignment"] == pytest.approx(100.0)
+    assert np.array_equal(target_path(drawing, prompt, smooth=0), straight)
+
+
 def test_no_target_for_a_missing_object_or_a_wild_path() -> None:
     prompt = PROMPTS[1]
     video = render_video(prompt, 3, 17)
@@ -73,6 +96,9 @@ def test_student_clips_are_made_once_and_kept(tmp_path) -> None:
     assert len(said) == 1 and (tmp_path / "shard_0000.pt").is_file()
     again = student_clips(tmp_path, student, vae, 3, 9, 64, 0, say=said.append)
     assert len(said) == 1 and torch.equal(again[0], latents)
+    straight = student_clips(tmp_path, student, vae, 3, 9, 64, 0, say=said.append, smooth=0)
+    assert len(said) == 1 and torch.equal(straight[0], latents)  # another smoothing reads the same shards
+    assert not torch.equal(straight[1], targets)  # and draws other targets from them
     student_clips(tmp_path, student, vae, 3, 9, 64, 1, say=said.append)  # another seed: other clips
     assert len(said) == 2
     assert SHARD >= 3
@@ -91,7 +117,8 @@ def test_worker_processes_make_the_same_clips(tmp_path, monkeypatch) -> None:
     for a, b in zip(sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir()), strict=True):
         x, y = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
         assert x["prompts"] == y["prompts"] and x["signature"] == y["signature"]
-        assert torch.allclose(x["paths"], y["paths"], atol=0.01)
+        assert torch.allclose(wrapped_diff(x["starts"], y["starts"]), torch.zeros(1, dtype=torch.float64), atol=0.01)
+        assert torch.allclose(x["deviations"], y["deviations"], atol=0.01)
     assert torch.allclose(one[0], two[0], atol=2e-2)
     assert torch.allclose(one[1], two[1], atol=2.5 / 127.5)  # targets drawn along those paths: a level or two
     student_clips(tmp_path / "two", student, vae, 4, 9, 64, 0, say=said.append, workers=2)
@@ -173,6 +200,9 @@ def test_student_needs_a_decoder_fine_tune_and_a_real_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--student-workers -1"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student": "embedded:shapes", "student_workers": "-1"}))
+    with pytest.raises(ConfigError, match="--student-smooth -1"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student": "embedded:shapes", "student_smooth": "-1"}))
     with pytest.raises(ConfigError, match="--student-clips 0"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student": "embedded:shapes", "student_clips": "0"}))
