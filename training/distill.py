@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -847,12 +848,23 @@ def cli() -> int:
     try:
         main()
     except TrainingStopped as err:  # stopped on request, the checkpoint saved: not "done", not a success
-        print(str(err), file=sys.stderr, flush=True)
+        _error_line(str(err))
         return err.code
-    except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except ConfigError as err:  # the same on every rank of a torchrun job: said once, by rank 0
+        if os.environ.get("RANK", "0") == "0":
+            _error_line(f"error: {err}")
+        return 2
+    except TrainingError as err:
+        _error_line(f"error: {err}")
         return 2
     return 0
+
+
+def _error_line(text: str) -> None:
+    """One write per message: the ranks of a torchrun job share stderr, and print's separate newline let
+    one rank's message run into another's."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from causvid_core.checkpoint import load_model
 from causvid_core.config import PRESETS
+from training import distill
 from training.config import ConfigError, make_config, parse_cli, stage_name
 from training.data import sample_indices
 from training.distill import TrainingError, main
@@ -320,6 +321,17 @@ def test_command_line_prints_a_one_line_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown option --stepz") and "Traceback" not in proc.stderr
+
+
+def test_a_config_error_is_said_once_by_rank_0(monkeypatch, capsys) -> None:
+    """Under torchrun every rank meets the same bad option; rank 0 alone says it (two ranks once printed
+    one message run into the other's), and every rank still exits 2."""
+    monkeypatch.setattr(sys, "argv", ["distill", "teacher", "--preset", "tiny", "--stepz", "3"])
+    for rank, said in (("1", ""), ("0", "error: unknown option --stepz")):
+        monkeypatch.setenv("RANK", rank)
+        assert distill.cli() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and err.count("error:") == (1 if said else 0)
 
 
 def test_free_text_captions_go_through_the_umt5_encoder(tmp_path: Path) -> None:
