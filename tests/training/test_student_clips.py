@@ -22,12 +22,13 @@ from training.student_clips import SHARD, measure_path, render_along, smooth_pat
 from training.vae_stage import shift_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
+           "a green circle moving down on a white background")  # fmt: skip
 
 
 def wrapped_diff(a: torch.Tensor, b: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """a - b on a canvas that wraps around, in -size/2..size/2."""
     return torch.remainder(a - b + size / 2, size) - size / 2
-PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
-           "a green circle moving down on a white background")  # fmt: skip
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
