@@ -35,10 +35,14 @@ class DistContext:
         return self.world_size > 1
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them for this process; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto", fsdp: bool = False) -> DistContext:
     """Read torchrun's environment and start the process group when there is more than one rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = launch_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -850,20 +849,18 @@ def cli() -> int:
     except TrainingStopped as err:  # stopped on request, the checkpoint saved: not "done", not a success
         _error_line(str(err))
         return err.code
-    except ConfigError as err:  # the same on every rank of a torchrun job: said once, by rank 0
-        if os.environ.get("RANK", "0") == "0":
-            _error_line(f"error: {err}")
-        return 2
-    except TrainingError as err:
+    except (ConfigError, TrainingError) as err:
         _error_line(f"error: {err}")
         return 2
     return 0
 
 
 def _error_line(text: str) -> None:
-    """One write per message: the ranks of a torchrun job share stderr, and print's separate newline let
-    one rank's message run into another's."""
-    sys.stderr.write(text + "\n")
+    """One write per message, rank 0's as it is and another rank's after "rank N: ": the ranks of a torchrun
+    job share stderr, and print's separate newline let one rank's message run into another's. Every rank
+    says its own (an error can be one rank's alone, e.g. a GPU index past the machine's)."""
+    rank, world = dist.launch_rank()
+    sys.stderr.write((f"rank {rank}: " if world > 1 and rank else "") + text + "\n")
     sys.stderr.flush()
 
 

@@ -323,15 +323,16 @@ def test_command_line_prints_a_one_line_error(tmp_path: Path) -> None:
     assert proc.stderr.startswith("error: unknown option --stepz") and "Traceback" not in proc.stderr
 
 
-def test_a_config_error_is_said_once_by_rank_0(monkeypatch, capsys) -> None:
-    """Under torchrun every rank meets the same bad option; rank 0 alone says it (two ranks once printed
-    one message run into the other's), and every rank still exits 2."""
+def test_each_rank_says_its_error_on_a_line_of_its_own(monkeypatch, capsys) -> None:
+    """Under torchrun two ranks once printed one message run into the other's. Each says it in one whole
+    line, a rank other than 0 naming itself (its error may be its own alone), and every rank exits 2."""
     monkeypatch.setattr(sys, "argv", ["distill", "teacher", "--preset", "tiny", "--stepz", "3"])
-    for rank, said in (("1", ""), ("0", "error: unknown option --stepz")):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", "rank 1: error: unknown option --stepz"), ("0", "error: unknown option --stepz")):
         monkeypatch.setenv("RANK", rank)
         assert distill.cli() == 2
         err = capsys.readouterr().err
-        assert err.startswith(said) and err.count("error:") == (1 if said else 0)
+        assert err.startswith(said) and err.count("error:") == 1 and err.endswith("\n")
 
 
 def test_free_text_captions_go_through_the_umt5_encoder(tmp_path: Path) -> None:
