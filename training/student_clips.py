@@ -80,7 +80,7 @@ def measure_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] 
     if not stats.present.all():
         return None
     t = np.arange(len(video), dtype=np.float64)[:, None]
-    start = np.mod(stats.centroid - offsets[p.shape] - _velocity(prompt, size) * t, size)  # each frame's start
+    start = np.mod(stats.centroid - offsets[p.shape] - _velocity(p.direction, size) * t, size)  # each frame's start
     angle = start * 2 * np.pi / size
     mean = np.mod(np.arctan2(np.sin(angle).mean(0), np.cos(angle).mean(0)) * size / (2 * np.pi), size)
     deviation = wrapped(start - mean, size)
@@ -101,7 +101,7 @@ def smooth_path(prompt: str, start: np.ndarray, deviation: np.ndarray, size: int
         k = min(smooth, len(deviation))
         padded = np.pad(deviation, ((k // 2, k - 1 - k // 2), (0, 0)), mode="edge")
         kept = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(2)], 1)
-    return np.mod(start + _velocity(prompt, size) * t + kept, size)
+    return np.mod(start + _velocity(parse_prompt(prompt).direction, size) * t + kept, size)
 
 
 def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None,
@@ -112,10 +112,9 @@ def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] |
     return None if measured is None else smooth_path(prompt, *measured, video.shape[2], smooth)
 
 
-def _velocity(prompt: str, size: int) -> np.ndarray:
-    """The prompt's object's step per frame [2] (x, y) at ``size`` px."""
-    direction = DIRECTION_VECTORS[parse_prompt(prompt).direction]
-    return SPEED * size / REFERENCE_SIZE * np.array(direction, dtype=np.float64)
+def _velocity(direction: str, size: int) -> np.ndarray:
+    """The step per frame [2] (x, y) at ``size`` px of an object moving in ``direction`` (a prompt's word)."""
+    return SPEED * size / REFERENCE_SIZE * np.array(DIRECTION_VECTORS[direction], dtype=np.float64)
 
 
 def render_along(prompt: str, centres: np.ndarray, size: int) -> np.ndarray:
