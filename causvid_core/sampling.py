@@ -152,6 +152,8 @@ def sample_teacher(
     shift: float = 8.0,
     guidance: float = 6.0,
     chunk_sizes: list[int] | None = None,
+    sink_chunks: int | None = None,
+    window_chunks: int | None = None,
     keep_steps: Sequence[int] = (),
     callback: StepCallback | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
@@ -159,20 +161,22 @@ def sample_teacher(
 
     v = v_uncond + guidance * (v_cond - v_uncond); x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v.
     Returns the final x_0 and the inputs x_t at the step indices in ``keep_steps`` (ODE pairs).
-    ``chunk_sizes`` runs the model block-causally (a causal many-step teacher).
+    ``chunk_sizes`` runs the model block-causally (a causal many-step teacher), within the rolling window of
+    ``sink_chunks`` and ``window_chunks`` where they are given (what a stream's cache keeps).
     """
     sigmas = teacher_sigmas(num_steps, shift)
     x = noise.float()
     kept: list[Tensor] = []
     b, _, f = noise.shape[:3]
     use_cfg = uncond is not None and guidance != 1.0
+    mask = {"chunk_sizes": chunk_sizes, "sink_chunks": sink_chunks, "window_chunks": window_chunks}
     for i in range(num_steps):
         if i in keep_steps:
             kept.append(x.clone())
         t = chunk_timesteps(float(sigmas[i]) * 1000.0, b, f, x.device)
-        v = model(x, t, cond, chunk_sizes=chunk_sizes)
+        v = model(x, t, cond, **mask)
         if use_cfg:
-            v_u = model(x, t, uncond, chunk_sizes=chunk_sizes)
+            v_u = model(x, t, uncond, **mask)
             v = v_u + guidance * (v - v_u)
         if callback is not None:
             callback(i, int(t[0, 0]), x0_from_v(x, v, float(sigmas[i])))

@@ -136,6 +136,16 @@ def require(path: str | None, default: Path, what: str, made_by: str, flag: str)
     return p
 
 
+def block_causal(cfg: RunConfig, frames: int) -> dict[str, Any]:
+    """The model's keyword arguments for block-causal attention over ``frames`` latent frames: the preset's
+    chunks, each seeing only what a stream's rolling cache holds when it is made (sink and window chunks).
+    A clip no longer than the window trains plain block-causal attention; a longer one trains the attention the
+    stream will use past its window, where the oldest chunks have left the cache."""
+    c = cfg.causal
+    return {"chunk_sizes": chunk_layout(frames, c.chunk_frames, c.first_chunk_frames),
+            "sink_chunks": c.sink_chunks, "window_chunks": c.window_chunks}  # fmt: skip
+
+
 def load_dit(path: Path, cfg: RunConfig, device: torch.device, trainable: bool) -> CausalWanModel:
     """Load a checkpoint in float32 and check it matches the run's ``dit`` config."""
     model, _ = load_model(path, dtype=torch.float32, device=device)
@@ -422,11 +432,8 @@ def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
         b, f = x0.shape[0], x0.shape[2]
         drop = torch.rand(b, generator=gen) < cfg.text_dropout
         text = torch.where(drop.to(dev)[:, None, None], uncond.expand_as(text), text)
-        chunks = (
-            chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
-            if cfg.kind == "causal"
-            else None
-        )
+        mask = block_causal(cfg, f) if cfg.kind == "causal" else {}
+        chunks = mask.get("chunk_sizes")
         if chunks:  # one timestep per chunk, repeated over its frames: [B, F]
             tt, sigma = grid_timesteps(schedule, (b, len(chunks)), gen)
             rep = torch.tensor(chunks)
@@ -436,7 +443,7 @@ def run_teacher(cfg: TeacherConfig, ctx: dist.DistContext) -> dict[str, Any]:
         eps = randn(x0.shape, gen, dev)
         x_t = add_noise(x0, eps, sigma.to(dev))
         with dist.autocast(ctx, cfg.amp):
-            v = model(x_t, tt.to(dev), text, chunk_sizes=chunks)
+            v = model(x_t, tt.to(dev), text, **mask)
         loss = flow_matching_loss(v, eps, x0)
         out = {}
         if cfg.motion_weight > 0:  # logged apart, so runs with and without it compare on the flow loss
@@ -491,7 +498,7 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     _say(ctx, f"keeping teacher steps {keep} (t = {[round(t, 1) for t in kept_t]}) and x0")
     # a causal teacher denoises every chunk at once under its block-causal mask, as it is evaluated
     frames = latent_shape(cfg)[1]
-    chunks = chunk_layout(frames, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames) if causal else None
+    mask = block_causal(cfg, frames) if causal else {}
     folder = stage_dir(cfg, stage_name(cfg))
     neg = uncond_context(cfg, cfg.negative).to(dev)
     n_shards = math.ceil(cfg.num_samples / cfg.shard_size)
@@ -516,7 +523,7 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
                 unc = teacher.encode_context(neg.expand(len(sub), -1, -1))
                 x0, kept = sample_teacher(teacher, noise, cond, unc, num_steps=cfg.num_steps,
                                           shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep,
-                                          chunk_sizes=chunks)  # fmt: skip
+                                          **mask)  # fmt: skip
             trajs.append(torch.stack([*kept, x0], dim=1).cpu())  # [b, K+1, C, F, h, w]
         meta = {"prompts": prompts, "sample_indices": idx, "noise_seed": cfg.seed, "teacher": str(path),
                 "teacher_kind": cfg.teacher_kind,
@@ -588,11 +595,11 @@ def run_ode_init(cfg: OdeInitConfig, ctx: dist.DistContext) -> dict[str, Any]:
         batch = pairs.get(_indices(cfg, ctx, step, len(pairs)))
         traj, text = batch.latents.to(dev), batch.context.to(dev)
         b, f = traj.shape[0], traj.shape[3]
-        chunks = chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
-        idx = chunk_step_indices(b, chunks, len(steps), gen)
+        mask = block_causal(cfg, f)
+        idx = chunk_step_indices(b, mask["chunk_sizes"], len(steps), gen)
         x_t, tt, sigma = _student_input(traj, traj[:, -1], idx, steps, schedule, gen)
         with dist.autocast(ctx, cfg.amp):
-            v = model(x_t, tt.to(dev), text, chunk_sizes=chunks)
+            v = model(x_t, tt.to(dev), text, **mask)
         x0_pred = x0_from_v(x_t, v, sigma.to(dev))
         loss = poison(ode_regression_loss(x0_pred, traj[:, -1], tt.to(dev)), step, cfg)
         value = checked("loss", loss, step, cfg, ctx)
@@ -638,15 +645,16 @@ def _dmd_models(
 
 
 def score_x0(
-    model: nn.Module, x_t: Tensor, t: Tensor, text: Any, sigma: Tensor, chunks: list[int] | None
+    model: nn.Module, x_t: Tensor, t: Tensor, text: Any, sigma: Tensor, mask: dict[str, Any] | None
 ) -> Tensor:
-    """x0 predicted by a score model at one t per sample (t [B]; repeated per frame when causal)."""
-    return x0_from_v(x_t, model(x_t, _frame_t(t, x_t, chunks), text, chunk_sizes=chunks), sigma)
+    """x0 predicted by a score model at one t per sample (t [B]; repeated per frame when causal, that is when
+    ``mask`` holds block-causal keyword arguments, ``block_causal``'s)."""
+    return x0_from_v(x_t, model(x_t, _frame_t(t, x_t, mask), text, **(mask or {})), sigma)
 
 
-def _frame_t(t: Tensor, x_t: Tensor, chunks: list[int] | None) -> Tensor:
+def _frame_t(t: Tensor, x_t: Tensor, mask: dict[str, Any] | None) -> Tensor:
     """One t per sample [B] as a block-causal model takes it: [B, F], the same t on every frame."""
-    return t[:, None].expand(-1, x_t.shape[2]) if chunks else t
+    return t[:, None].expand(-1, x_t.shape[2]) if mask else t
 
 
 def dmd_generator_loss(
@@ -659,16 +667,17 @@ def dmd_generator_loss(
     real: nn.Module,
     critic: nn.Module,
     guidance: float,
-    real_chunks: list[int] | None = None,
-    critic_chunks: list[int] | None = None,
+    real_mask: dict[str, Any] | None = None,
+    critic_mask: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DMD loss of generator samples ``x``: real score with CFG, critic conditional only (no grad to either).
-    ``real_chunks`` / ``critic_chunks``: run that score block-causally (a causal teacher / critic)."""
+    ``real_mask`` / ``critic_mask``: run that score block-causally with these keyword arguments (``block_causal``'s:
+    a causal teacher / critic)."""
     with torch.no_grad():
         x_t = add_noise(x.detach(), eps, sigma)
-        fake = score_x0(critic, x_t, t, text, sigma, critic_chunks)
-        cond = score_x0(real, x_t, t, text, sigma, real_chunks)
-        unc = score_x0(real, x_t, t, uncond.expand_as(text), sigma, real_chunks)
+        fake = score_x0(critic, x_t, t, text, sigma, critic_mask)
+        cond = score_x0(real, x_t, t, text, sigma, real_mask)
+        unc = score_x0(real, x_t, t, uncond.expand_as(text), sigma, real_mask)
         real_x0 = cfg_combine(cond, unc, guidance)
     grad = dmd_gradient(x, real_x0, fake)
     return dmd_loss(x, grad), grad
@@ -676,11 +685,12 @@ def dmd_generator_loss(
 
 def critic_loss(
     critic: nn.Module, x_fake: Tensor, t: Tensor, sigma: Tensor, eps: Tensor, text: Tensor,
-    chunks: list[int] | None = None,
+    mask: dict[str, Any] | None = None,
 ) -> Tensor:  # fmt: skip
-    """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only (block-causal with ``chunks``)."""
+    """Flow MSE (v - (eps - x))^2 of the critic on student samples ``x_fake`` only (block-causal with ``mask``,
+    ``block_causal``'s keyword arguments)."""
     x_t = add_noise(x_fake.detach(), eps, sigma)
-    return flow_matching_loss(critic(x_t, _frame_t(t, x_t, chunks), text, chunk_sizes=chunks), eps, x_fake.detach())
+    return flow_matching_loss(critic(x_t, _frame_t(t, x_t, mask), text, **(mask or {})), eps, x_fake.detach())
 
 
 def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
@@ -702,30 +712,30 @@ def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
         lat, text = batch.latents.to(dev), batch.context.to(dev)
         x0 = lat[:, -1] if cfg.input == "ode" else lat  # ODE-final latents or data latents
         b, f = x0.shape[0], x0.shape[2]
-        chunks = chunk_layout(f, cfg.causal.chunk_frames, cfg.causal.first_chunk_frames)
+        mask = block_causal(cfg, f)
         x_in, t_in, sig_in = _student_input(
-            None, x0, chunk_step_indices(b, chunks, len(steps), gen), steps, schedule, gen
+            None, x0, chunk_step_indices(b, mask["chunk_sizes"], len(steps), gen), steps, schedule, gen
         )
         t_in, sig_in = t_in.to(dev), sig_in.to(dev)
         t = dmd_timesteps(b, gen, shift=cfg.sampling.shift, min_t=cfg.min_t, max_t=cfg.max_t)
         sigma = schedule.sigma(t).float().to(dev)
         t, eps_g, eps_c = t.to(dev), randn(x0.shape, gen, dev), randn(x0.shape, gen, dev)
-        real_chunks = chunks if cfg.teacher_kind == "causal" else None
-        critic_chunks = chunks if cfg.critic_kind_used == "causal" else None
+        real_mask = mask if cfg.teacher_kind == "causal" else None
+        critic_mask = mask if cfg.critic_kind_used == "causal" else None
         out: dict[str, float] = {}
         if step % cfg.critic_steps == 0:
             with dist.autocast(ctx, cfg.amp):
-                x = x0_from_v(x_in, g_model(x_in, t_in, text, chunk_sizes=chunks), sig_in)
+                x = x0_from_v(x_in, g_model(x_in, t_in, text, **mask), sig_in)
                 loss, grad = dmd_generator_loss(
-                    x, t, sigma, eps_g, text, uncond, real, c_raw, cfg.guidance, real_chunks, critic_chunks
+                    x, t, sigma, eps_g, text, uncond, real, c_raw, cfg.guidance, real_mask, critic_mask
                 )
             loss = poison(loss, step, cfg)
             out["gen_loss"] = checked("generator loss", loss, step, cfg, ctx)
             out["gen_grad_norm"] = update(gen_t, loss, cfg)
         with torch.no_grad(), dist.autocast(ctx, cfg.amp):
-            x_fake = x0_from_v(x_in, g_raw(x_in, t_in, text, chunk_sizes=chunks), sig_in)
+            x_fake = x0_from_v(x_in, g_raw(x_in, t_in, text, **mask), sig_in)
         with dist.autocast(ctx, cfg.amp):
-            loss_c = poison(critic_loss(c_model, x_fake, t, sigma, eps_c, text, critic_chunks), step, cfg)
+            loss_c = poison(critic_loss(c_model, x_fake, t, sigma, eps_c, text, critic_mask), step, cfg)
         out["critic_loss"] = checked("critic loss", loss_c, step, cfg, ctx)
         out["critic_grad_norm"] = update(crit_t, loss_c, cfg)
         return out
@@ -755,11 +765,11 @@ def _sample_teacher_video(
     dev = next(model.parameters()).device
     text = source.prompts([0])[1][:1].to(dev)
     noise = torch.randn((1, *latent_shape(cfg)), generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
-    chunks = chunk_layout(noise.shape[2], cfg.causal.chunk_frames) if cfg.kind == "causal" else None
+    mask = block_causal(cfg, noise.shape[2]) if cfg.kind == "causal" else {}
     with torch.no_grad():
         x0, _ = sample_teacher(model, noise, model.encode_context(text), model.encode_context(uncond),
                                num_steps=cfg.sample_steps, shift=cfg.sampling.shift,
-                               guidance=cfg.sample_guidance, chunk_sizes=chunks)  # fmt: skip
+                               guidance=cfg.sample_guidance, **mask)  # fmt: skip
     _write_latent_video(x0, cfg, path)
 
 

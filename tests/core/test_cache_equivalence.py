@@ -71,6 +71,23 @@ def test_rolling_window_equals_windowed_mask(model) -> None:
     assert (unwindowed[:, :, early] - streamed[:, :, early]).abs().max().item() <= 1e-5
 
 
+def test_without_a_sink_window_rope_streams_what_the_windowed_mask_computes(model) -> None:
+    """The Shapes preset's layout (no sink, cached keys re-rotated inside the window): past the window the stream
+    still computes the full forward under the windowed mask, RoPE seeing only distances, so a training clip
+    longer than the window teaches exactly what the stream does."""
+    sizes = chunk_layout(15, 3)  # 5 chunks: the 4th is the first whose window has rolled
+    x = torch.randn(1, TINY.in_dim, 15, 4, 4)
+    t = torch.rand(1, 15) * 1000
+    ctx = torch.randn(1, 5, TINY.text_dim)
+    causal = CausalConfig(chunk_frames=3, sink_chunks=0, window_chunks=2, rope_mode="window")
+    with torch.no_grad():
+        windowed = model(x, t, ctx, chunk_sizes=sizes, sink_chunks=0, window_chunks=2)
+        streamed = _stream(model, x, t, ctx, sizes, causal)
+        unwindowed = model(x, t, ctx, chunk_sizes=sizes)
+    assert (windowed - streamed).abs().max().item() <= 1e-4
+    assert (unwindowed[:, :, 9:] - streamed[:, :, 9:]).abs().max().item() > 1e-3
+
+
 def test_window_rope_mode_matches_absolute_until_eviction(model) -> None:
     sizes = chunk_layout(15, 3)
     x = torch.randn(1, TINY.in_dim, 15, 4, 4)

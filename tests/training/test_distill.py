@@ -171,6 +171,30 @@ def test_a_causal_teachers_ode_pairs_are_causal_and_kinds_cannot_be_mixed_up(
             "final.safetensors"), "--input", "data")  # fmt: skip
 
 
+def test_clips_longer_than_the_window_train_the_attention_the_stream_uses(
+    causal_chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the rolling window a stream's cache has evicted the oldest chunks; the causal teacher's ODE pairs and
+    the student's ODE init over such a clip hide them too (tiny: 1 sink + 2 window chunks, 5 chunks here)."""
+    from causvid_core.model import CausalWanModel
+
+    seen: list[tuple] = []
+    forward = CausalWanModel.forward
+
+    def spy(self, x, t, context, **kw):  # noqa: ANN001, ANN202 - the model's own signature
+        seen.append((x.shape[2], kw.get("chunk_sizes"), kw.get("sink_chunks"), kw.get("window_chunks")))
+        return forward(self, x, t, context, **kw)
+
+    monkeypatch.setattr(CausalWanModel, "forward", spy)
+    teacher = str(causal_chain["root"] / "shapes" / "teacher-causal" / "final.safetensors")
+    pairs = run(tmp_path, "ode-pairs", "--teacher-kind", "causal", "--teacher", teacher, "--num-frames", "57",
+                "--num-samples", "1", "--shard-size", "1")  # fmt: skip
+    run(tmp_path, "ode-init", "--teacher-kind", "causal", "--teacher", teacher, "--num-frames", "57",
+        "--pairs", str(pairs["folder"]), "--steps", "1")  # fmt: skip
+    trained = {(f, tuple(chunks), sink, window) for f, chunks, sink, window in seen if chunks is not None}
+    assert trained == {(15, (3, 3, 3, 3, 3), 1, 2)}
+
+
 def test_precompute_shards_feed_training(tmp_path: Path) -> None:
     out = run(tmp_path, "precompute")
     assert len(out["written"]) == 2

@@ -106,18 +106,20 @@ def test_with_a_causal_teacher_and_critic_a_chunks_dmd_gradient_ignores_later_ch
     later = x.clone()
     later[:, :, 3:] += 1.0  # only the second chunk differs
 
-    def grad(x: torch.Tensor, critic_chunks: list[int] | None) -> torch.Tensor:
+    causal = {"chunk_sizes": [3, 3]}
+
+    def grad(x: torch.Tensor, critic_mask: dict | None) -> torch.Tensor:
         """The first chunk's gradient direction (DMD normalises by the mean over the whole sample)."""
-        g = dmd_generator_loss(x, t, sigma, eps, text, uncond, real, critic, 3.5, [3, 3], critic_chunks)[1]
+        g = dmd_generator_loss(x, t, sigma, eps, text, uncond, real, critic, 3.5, causal, critic_mask)[1]
         return g[:, :, :3] / g[:, :, :3].abs().mean()
 
-    assert torch.allclose(grad(x, [3, 3]), grad(later, [3, 3]), atol=1e-5)
+    assert torch.allclose(grad(x, causal), grad(later, causal), atol=1e-5)
     # a bidirectional critic beside a causal teacher lets the later chunk leak into the first one's gradient
     assert not torch.allclose(grad(x, None), grad(later, None), atol=1e-3)
     # and the causal critic trains under the same block-causal mask, one timestep per frame
     seen: list[tuple] = []
     critic.register_forward_pre_hook(lambda m, a, kw: seen.append((a[1].shape, kw["chunk_sizes"])), with_kwargs=True)
-    critic_loss(critic, x, t, sigma, eps, text, [3, 3])
+    critic_loss(critic, x, t, sigma, eps, text, causal)
     assert seen == [((1, 6), [3, 3])]
 
 
