@@ -95,6 +95,10 @@ class OdePairsConfig(RunConfig):
     shard_size: int = 16
     num_steps: int = 50
     guidance: float = 6.0
+    # replace each x0 by the VAE's latents of the prompt's object drawn exactly along the straight path, at the
+    # prompt's velocity, through where the teacher drew it (Shapes prompts; student_clips.steady_targets): the
+    # student learns even steps instead of the teacher's jitter. A drawing with no clean path keeps its x0
+    steady_targets: bool = False
 
 
 @dataclass
@@ -486,6 +490,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"--arch.z-dim {cfg.arch.z_dim} differs from the DiT's --dit.in-dim {cfg.dit.in_dim}: "
                 "the DiT works on the VAE's latents, so they must match"
+            )
+    if isinstance(cfg, OdePairsConfig) and cfg.steady_targets:
+        if cfg.data != "shapes":
+            raise ConfigError(
+                f"--steady-targets true measures the path of a Shapes prompt's object, but --data is {cfg.data!r}: "
+                "use it with --data shapes, or leave it false"
+            )
+        if cfg.vae == "pool":
+            raise ConfigError(
+                "--steady-targets true draws the teacher's latents to measure them and encodes the drawing back, "
+                "which the pool codec cannot: pass --vae run, embedded:NAME or a VAE file"
             )
     if isinstance(cfg, OdePairsConfig | PrecomputeConfig) and cfg.shard_size < 1:
         raise ConfigError("--shard-size must be at least 1")

@@ -502,18 +502,26 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     folder = stage_dir(cfg, stage_name(cfg))
     neg = uncond_context(cfg, cfg.negative).to(dev)
     n_shards = math.ceil(cfg.num_samples / cfg.shard_size)
+    settings = {"teacher": Path(path), "teacher_kind": cfg.teacher_kind, "guidance": cfg.guidance,
+                "num_steps": cfg.num_steps, "noise_seed": cfg.seed, "shard_size": cfg.shard_size,
+                "num_frames": cfg.num_frames, "steady_targets": cfg.steady_targets}  # fmt: skip
+    codec = None
+    if cfg.steady_targets:
+        from .data import build_codec
+
+        settings["vae"] = cfg.vae
+        codec = build_codec(cfg, dev)
+        _say(ctx, f"steadying each x0 along a straight path with the VAE {cfg.vae}")
     written = []
     for j in range(ctx.rank, n_shards, ctx.world_size):
         out = folder / f"shard_{j:05d}.safetensors"
         if out.exists():
-            check_shard_settings(out, {"teacher": Path(path), "teacher_kind": cfg.teacher_kind,
-                                       "guidance": cfg.guidance, "num_steps": cfg.num_steps, "noise_seed": cfg.seed,
-                                       "shard_size": cfg.shard_size, "num_frames": cfg.num_frames})  # fmt: skip
+            check_shard_settings(out, settings)
             _say(ctx, f"{out.name} exists, skipped")
             continue
         idx = list(range(j * cfg.shard_size, min(cfg.num_samples, (j + 1) * cfg.shard_size)))
         prompts, text = source.prompts([i % (len(source) or cfg.num_samples) for i in idx])
-        trajs = []
+        trajs, steadied = [], []
         for a in range(0, len(idx), cfg.batch_size):
             sub = idx[a : a + cfg.batch_size]
             noise = torch.stack([torch.randn(latent_shape(cfg), generator=step_generator(cfg.seed, i, 0, 7))
@@ -524,15 +532,23 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
                 x0, kept = sample_teacher(teacher, noise, cond, unc, num_steps=cfg.num_steps,
                                           shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep,
                                           **mask)  # fmt: skip
+            if codec is not None:
+                from .student_clips import steady_targets
+
+                x0, done = steady_targets(x0, prompts[a : a + len(sub)], codec)
+                steadied += done
             trajs.append(torch.stack([*kept, x0], dim=1).cpu())  # [b, K+1, C, F, h, w]
         meta = {"prompts": prompts, "sample_indices": idx, "noise_seed": cfg.seed, "teacher": str(path),
                 "teacher_kind": cfg.teacher_kind,
                 "keep_steps": keep, "timesteps": kept_t, "config": json.loads(to_json(cfg))}  # fmt: skip
+        if codec is not None:
+            meta["steadied"] = steadied
         write_shard(
             out, {"trajectory": torch.cat(trajs), "context": text, "timesteps": torch.tensor(kept_t)}, meta
         )
         written.append(out)
-        _say(ctx, f"wrote {out} ({len(idx)} samples)")
+        steady = f", {sum(steadied)} steadied (the rest keep the teacher's x0)" if codec is not None else ""
+        _say(ctx, f"wrote {out} ({len(idx)} samples{steady})")
         if len(written) == 1:  # this run's first pair decoded, to see what ode-init will learn before it runs
             preview = folder / "samples" / f"{out.stem}.mp4"
             try:

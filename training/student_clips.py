@@ -125,6 +125,30 @@ def render_along(prompt: str, centres: np.ndarray, size: int) -> np.ndarray:
     return np.rint(bg + alpha * (fg - bg)).astype(np.uint8)
 
 
+@torch.no_grad()
+def steady_targets(x0: Tensor, prompts: list[str], codec: Any) -> tuple[Tensor, list[bool]]:
+    """ODE pairs' targets with even steps (``ode-pairs --steady-targets true``): each latent clip of ``x0``
+    [N, C, F, h, w] drawn by ``codec`` (``encode`` / ``decode`` in -1..1), the object's path measured
+    (``measure_path``), and the prompt's object drawn exactly along the straight path at the prompt's velocity
+    through it, encoded back. The teacher's jitter goes, where it put the object stays. A clip whose drawing
+    has no clean path keeps its latents. Returns the latents and, per clip, whether it was steadied."""
+    out, done = x0.clone(), []
+    frames = 1 + 4 * (x0.shape[2] - 1)
+    offsets: dict[str, np.ndarray] | None = None
+    for i, prompt in enumerate(prompts):
+        video = codec.decode(x0[i : i + 1])[0, :, :frames]  # [3, T, H, W] in -1..1
+        drawn = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        size = drawn.shape[2]
+        offsets = offsets or _centroid_offsets(size)
+        measured = measure_path(drawn, prompt, offsets)
+        if measured is not None:
+            clean = torch.from_numpy(render_along(prompt, smooth_path(prompt, *measured, size, 0), size))
+            clean = clean.permute(3, 0, 1, 2)[None].float().to(x0.device) / 127.5 - 1
+            out[i] = codec.encode(clean)[0].to(out.dtype)
+        done.append(measured is not None)
+    return out, done
+
+
 def clip_prompt(seed: int, index: int) -> tuple[str, int]:
     """(prompt, video seed) of student clip ``index``: deterministic, apart from the training clips' stream."""
     rng = np.random.default_rng([seed, 0x57D, index])

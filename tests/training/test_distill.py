@@ -195,6 +195,49 @@ def test_clips_longer_than_the_window_train_the_attention_the_stream_uses(
     assert trained == {(15, (3, 3, 3, 3, 3), 1, 2)}
 
 
+def test_ode_pairs_steady_targets_replace_x0_and_record_which(
+    chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--steady-targets true: x0 becomes the encoded drawing along the path measured on the teacher's drawing
+    (here a path handed over, the tiny teacher drawing nothing to measure), the noisy points stay the teacher's,
+    a clip without a path keeps its x0, and the shard records which were steadied."""
+    from causvid_core.bundle import embedded_file
+    from causvid_core.vae import load_wan_vae
+    from training import student_clips
+    from training.data import CoreVAECodec
+
+    calls = []
+
+    def path(video: np.ndarray, prompt: str, offsets: dict | None = None) -> tuple | None:
+        calls.append(len(video))
+        return None if len(calls) == 2 else (np.array([20.0, 40.0]), np.zeros((len(video), 2)))
+
+    monkeypatch.setattr(student_clips, "measure_path", path)
+    teacher = str(chain["root"] / "shapes" / "teacher" / "final.safetensors")
+    common = ("--teacher", teacher, "--vae", "embedded:shapes", "--height", "64", "--width", "64", "--num-frames", "9",
+              "--num-samples", "3", "--shard-size", "3")  # fmt: skip
+    (plain,) = run(tmp_path / "plain", "ode-pairs", *common)["written"]
+    (steady,) = run(tmp_path / "steady", "ode-pairs", *common, "--steady-targets", "true")["written"]
+    with safe_open(str(plain), "pt") as a, safe_open(str(steady), "pt") as b:
+        before, after = a.get_tensor("trajectory"), b.get_tensor("trajectory")
+        prompts, steadied = json.loads(b.metadata()["prompts"]), json.loads(b.metadata()["steadied"])
+    assert calls == [9, 9, 9] and steadied == [True, False, True]
+    assert torch.equal(before[:, :-1], after[:, :-1]) and torch.equal(before[1, -1], after[1, -1])
+    codec = CoreVAECodec(load_wan_vae(embedded_file("shapes", "vae")))
+    for i in (0, 2):
+        drawn = student_clips.render_along(prompts[i], student_clips.smooth_path(
+            prompts[i], np.array([20.0, 40.0]), np.zeros((9, 2)), 64, 0), 64)  # fmt: skip
+        want = codec.encode(torch.from_numpy(drawn).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)[0]
+        assert torch.allclose(after[i, -1], want, atol=1e-5)
+    # a folder of plain pairs is not topped up with steadied ones; the option needs Shapes prompts and a real VAE
+    with pytest.raises(ConfigError, match=r"other settings \(steady_targets False here, True now"):
+        run(tmp_path / "plain", "ode-pairs", *common, "--steady-targets", "true")
+    with pytest.raises(ConfigError, match="the pool codec cannot: pass --vae run, embedded:NAME or a VAE file"):
+        run(tmp_path, "ode-pairs", "--steady-targets", "true")
+    with pytest.raises(ConfigError, match="measures the path of a Shapes prompt's object, but --data is"):
+        run(tmp_path, "ode-pairs", "--steady-targets", "true", "--vae", "embedded:shapes", "--data", str(tmp_path))
+
+
 def test_precompute_shards_feed_training(tmp_path: Path) -> None:
     out = run(tmp_path, "precompute")
     assert len(out["written"]) == 2

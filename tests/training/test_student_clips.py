@@ -18,7 +18,15 @@ from training import student_clips as student_clips_module
 from training.config import ConfigError, make_config, stage_name
 from training.eval import score_video
 from training.shapes import object_centres, render_video
-from training.student_clips import SHARD, measure_path, render_along, smooth_path, student_clips, target_path
+from training.student_clips import (
+    SHARD,
+    measure_path,
+    render_along,
+    smooth_path,
+    steady_targets,
+    student_clips,
+    target_path,
+)
 from training.vae_stage import shift_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +91,40 @@ def test_no_target_for_a_missing_object_or_a_wild_path() -> None:
     assert target_path(gone, prompt) is None
     wild = render_along(prompt, np.random.default_rng(1).uniform(0, 64, (17, 2)), 64)  # jumps about
     assert target_path(wild, prompt) is None
+
+
+def test_steady_targets_give_ode_pairs_even_steps_where_the_teacher_put_the_object() -> None:
+    """ode-pairs --steady-targets: a jittery clip's latents come back as the latents of the object moving evenly
+    along the path it took on average; a clip with no object to follow keeps its latents untouched."""
+    from causvid_core.vae import load_wan_vae
+    from training.data import CoreVAECodec
+
+    codec = CoreVAECodec(load_wan_vae(embedded_file("shapes", "vae")))
+
+    def latents(video: np.ndarray) -> torch.Tensor:
+        return codec.encode(torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+
+    def drawn(z: torch.Tensor) -> np.ndarray:
+        video = codec.decode(z)[0, :, :33]
+        return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    prompt = "a red circle moving right"  # a shape the shipped decoder draws evenly from clean latents
+    truth = object_centres(prompt, 3, np.arange(33))
+    jittery = latents(render_along(prompt, np.mod(truth + np.random.default_rng(0).normal(0, 0.8, truth.shape), 64), 64))
+    empty = latents(np.broadcast_to(render_video(PROMPTS[1], 3, 33)[:1, :1, :1], (33, 64, 64, 3)).copy())
+    out, done = steady_targets(torch.cat([jittery, empty]), [prompt, PROMPTS[1]], codec)
+    assert done == [True, False] and torch.equal(out[1], empty[0])
+
+    def wobble(z: torch.Tensor) -> float:
+        """rms px off the straight path at the prompt's velocity, as the object is drawn from ``z``."""
+        return float(np.sqrt((measure_path(drawn(z), prompt)[1] ** 2).sum(1).mean()))
+
+    assert wobble(out[:1]) < 0.3 < 0.6 < wobble(jittery)
+    before, after = score_video(drawn(jittery), prompt), score_video(drawn(out[:1]), prompt)
+    assert after["temporal_quality"] > before["temporal_quality"] + 5
+    assert after["text_alignment"] >= before["text_alignment"] - 1
+    start = measure_path(drawn(out[:1]), prompt)[0]
+    assert np.abs(np.mod(start - truth[0] + 32, 64) - 32).max() < 1.0  # where the jittery object ran
 
 
 def test_student_clips_are_made_once_and_kept(tmp_path) -> None:
