@@ -508,6 +508,7 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
     codec = None
     if cfg.steady_targets:
         from .data import build_codec
+        from .student_clips import steady_targets
 
         settings["vae"] = cfg.vae
         codec = build_codec(cfg, dev)
@@ -533,8 +534,6 @@ def run_ode_pairs(cfg: OdePairsConfig, ctx: dist.DistContext) -> dict[str, Any]:
                                           shift=cfg.sampling.shift, guidance=cfg.guidance, keep_steps=keep,
                                           **mask)  # fmt: skip
             if codec is not None:
-                from .student_clips import steady_targets
-
                 x0, done = steady_targets(x0, prompts[a : a + len(sub)], codec)
                 steadied += done
             trajs.append(torch.stack([*kept, x0], dim=1).cpu())  # [b, K+1, C, F, h, w]

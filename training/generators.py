@@ -25,12 +25,6 @@ from causvid_core.vae import WanVAE
 GenerateFn = Callable[[str, int, int], np.ndarray]
 
 
-def _frames(video: Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in -1..1 -> uint8 [T, H, W, 3]."""
-    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
-
-
 class FrameCollector:
     """The pipeline's writer for evaluation: keeps every chunk of uint8 frames it is given."""
 
@@ -96,6 +90,7 @@ def teacher(
     """A many-step teacher: one window of ``window`` latent frames, then sliding windows pinned on the
     last ``overlap`` frames of the previous one. ``causal_chunk``: a block-causal (causal) teacher."""
     from causvid_core.checkpoint import load_model
+    from causvid_core.pipeline import to_uint8_frames
 
     model, _ = load_model(path, dtype=torch.float32)
     model.eval().requires_grad_(False)
@@ -123,6 +118,6 @@ def teacher(
         latents = torch.cat(parts, dim=2)[:, :, :latent_frames]
         with torch.no_grad():
             video = vae.stream_decoder().decode(latents)
-        return _frames(video)[:num_frames]
+        return to_uint8_frames(video)[:num_frames].numpy()
 
     return generate

@@ -20,6 +20,7 @@ processes make about a third more clips per second than one process with two thr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -46,6 +47,7 @@ from .shapes import (
     parse_prompt,
     random_prompt,
     render_video,
+    to_model_range,
 )
 
 SHARD = 64  # clips per shard file
@@ -56,8 +58,10 @@ MAX_PATH_ERROR = 4.0  # px (at 64x64): a clip whose path is this far (rms) from 
 FORMAT = 3
 
 
+@functools.cache
 def _centroid_offsets(size: int) -> dict[str, np.ndarray]:
-    """Each shape's measured centroid minus its bounding-box centre (a triangle's sits lower)."""
+    """Each shape's measured centroid minus its bounding-box centre (a triangle's sits lower); measured once per
+    size (callers only read it)."""
     out = {}
     for shape in ("circle", "square", "triangle"):
         prompt = f"a red {shape} moving right"
@@ -132,19 +136,17 @@ def steady_targets(x0: Tensor, prompts: list[str], codec: Any) -> tuple[Tensor, 
     (``measure_path``), and the prompt's object drawn exactly along the straight path at the prompt's velocity
     through it, encoded back. The teacher's jitter goes, where it put the object stays. A clip whose drawing
     has no clean path keeps its latents. Returns the latents and, per clip, whether it was steadied."""
+    from causvid_core.pipeline import to_uint8_frames
+
     out, done = x0.clone(), []
     frames = 1 + 4 * (x0.shape[2] - 1)
-    offsets: dict[str, np.ndarray] | None = None
     for i, prompt in enumerate(prompts):
-        video = codec.decode(x0[i : i + 1])[0, :, :frames]  # [3, T, H, W] in -1..1
-        drawn = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        drawn = to_uint8_frames(codec.decode(x0[i : i + 1]))[:frames].cpu().numpy()  # [T, H, W, 3]
         size = drawn.shape[2]
-        offsets = offsets or _centroid_offsets(size)
-        measured = measure_path(drawn, prompt, offsets)
+        measured = measure_path(drawn, prompt)
         if measured is not None:
-            clean = torch.from_numpy(render_along(prompt, smooth_path(prompt, *measured, size, 0), size))
-            clean = clean.permute(3, 0, 1, 2)[None].float().to(x0.device) / 127.5 - 1
-            out[i] = codec.encode(clean)[0].to(out.dtype)
+            clean = render_along(prompt, smooth_path(prompt, *measured, size, 0), size)
+            out[i] = codec.encode(to_model_range(clean)[None].to(x0.device))[0].to(out.dtype)
         done.append(measured is not None)
     return out, done
 
