@@ -110,6 +110,11 @@ class OdeInitConfig(RunConfig):
     # the student goes to ode-init-causal-teacher
     teacher_kind: str = "bidirectional"
     pairs: str | None = None  # default: {runs_dir}/{name}/ode-pairs (ode-pairs-causal-teacher when causal)
+    # share of chunks given as their clean x0 at t = 0, as context only (no loss on them): what the student's
+    # cache holds at inference, where every earlier chunk was written at t = 0. The reference draws each
+    # chunk's step from [1000, 757, 522, 0], so a quarter of its chunks are clean (0.25); 0 never shows the
+    # student clean context (versions 5-17 of the Shapes model)
+    clean_chunks: float = 0.0
 
 
 @dataclass
@@ -474,6 +479,10 @@ def validate(cfg: RunConfig) -> None:
     if isinstance(cfg, (DMDConfig, OdePairsConfig, OdeInitConfig)):
         if cfg.teacher_kind not in ("bidirectional", "causal"):
             raise ConfigError(f"--teacher-kind must be 'bidirectional' or 'causal', got {cfg.teacher_kind!r}")
+    if isinstance(cfg, OdeInitConfig) and not 0.0 <= cfg.clean_chunks < 1.0:
+        raise ConfigError(
+            f"--clean-chunks is the share of chunks given clean (0 to below 1; the reference's 0.25), got {cfg.clean_chunks}"
+        )
     if isinstance(cfg, DMDConfig):
         if cfg.critic_kind not in (None, "bidirectional", "causal"):
             raise ConfigError(f"--critic-kind must be 'bidirectional' or 'causal', got {cfg.critic_kind!r}")

@@ -611,8 +611,8 @@ def run_ode_init(cfg: OdeInitConfig, ctx: dist.DistContext) -> dict[str, Any]:
         traj, text = batch.latents.to(dev), batch.context.to(dev)
         b, f = traj.shape[0], traj.shape[3]
         mask = block_causal(cfg, f)
-        idx = chunk_step_indices(b, mask["chunk_sizes"], len(steps), gen)
-        x_t, tt, sigma = _student_input(traj, traj[:, -1], idx, steps, schedule, gen)
+        idx = chunk_step_indices(b, mask["chunk_sizes"], len(steps), gen, cfg.clean_chunks)
+        x_t, tt, sigma = _student_input(traj, traj[:, -1], idx, steps + [0.0], schedule, gen)
         with dist.autocast(ctx, cfg.amp):
             v = model(x_t, tt.to(dev), text, **mask)
         x0_pred = x0_from_v(x_t, v, sigma.to(dev))

@@ -57,9 +57,22 @@ def dmd_timesteps(
     return t.clamp(min_t, max_t).float()
 
 
-def chunk_step_indices(batch: int, chunk_sizes: list[int], num_steps: int, gen: torch.Generator) -> Tensor:
-    """A random index into the few-step list for each chunk, repeated over its frames: long [B, F]."""
-    per_chunk = torch.randint(0, num_steps, (batch, len(chunk_sizes)), generator=gen)
+def chunk_step_indices(
+    batch: int, chunk_sizes: list[int], num_steps: int, gen: torch.Generator, clean: float = 0.0
+) -> Tensor:
+    """A random index into the few-step list for each chunk, repeated over its frames: long [B, F].
+
+    ``clean``: the share of chunks given index ``num_steps`` instead, the clean end of the trajectory (t = 0),
+    which trains the student on the clean context its cache holds at inference. A sample whose chunks all
+    came out clean gets one chunk, drawn at random, back at a noisy step: a sample must have a frame to learn.
+    """
+    n = len(chunk_sizes)
+    per_chunk = torch.randint(0, num_steps, (batch, n), generator=gen)
+    if clean > 0:
+        is_clean = torch.rand((batch, n), generator=gen) < clean
+        keep = torch.randint(0, n, (batch,), generator=gen)
+        is_clean[torch.arange(batch), keep] &= ~is_clean.all(1)
+        per_chunk = torch.where(is_clean, torch.full_like(per_chunk, num_steps), per_chunk)
     return per_chunk.repeat_interleave(torch.tensor(chunk_sizes), dim=1)
 
 

@@ -195,6 +195,36 @@ def test_clips_longer_than_the_window_train_the_attention_the_stream_uses(
     assert trained == {(15, (3, 3, 3, 3, 3), 1, 2)}
 
 
+def test_clean_chunks_give_the_student_the_pairs_x0_at_t_zero_as_context(
+    chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ode-init --clean-chunks: some chunks reach the student as their pair's x0 itself at t = 0 (what its cache
+    holds at inference), the others at a step of the few-step list; and the share must lie in [0, 1)."""
+    from causvid_core.model import CausalWanModel
+    from training.data import ShardSource
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = CausalWanModel.forward
+
+    def spy(self, x, t, context, **kw):  # noqa: ANN001, ANN202 - the model's own signature
+        seen.append((x.detach().clone(), t.detach().clone()))
+        return forward(self, x, t, context, **kw)
+
+    monkeypatch.setattr(CausalWanModel, "forward", spy)
+    pairs, teacher = str(chain["pairs"]["folder"]), str(chain["root"] / "shapes" / "teacher" / "final.safetensors")
+    run(tmp_path, "ode-init", "--pairs", pairs, "--teacher", teacher, "--clean-chunks", "0.5", "--steps", "4")
+    x0s = ShardSource(Path(pairs), "trajectory").get(list(range(4))).latents[:, -1]
+    ts = torch.cat([t for _, t in seen])
+    assert (ts == 0).any() and (ts > 500).any()  # clean context and noisy chunks both trained
+    for x, t in seen:
+        for b in range(len(x)):
+            clean = t[b] == 0
+            if clean.any():  # those frames are one pair's clean end, untouched
+                assert any(torch.allclose(x[b][:, clean], x0[:, clean]) for x0 in x0s)
+    with pytest.raises(ConfigError, match="--clean-chunks"):
+        run(tmp_path, "ode-init", "--pairs", pairs, "--teacher", teacher, "--clean-chunks", "1")
+
+
 def test_ode_pairs_steady_targets_replace_x0_and_record_which(
     chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,21 @@ def test_chunk_step_indices_are_constant_inside_each_chunk() -> None:
     assert (idx[:, 0] != idx[:, 3]).any()  # chunks draw independently
 
 
+def test_clean_chunks_take_the_trajectory_end_at_their_share_and_leave_every_sample_a_noisy_chunk() -> None:
+    """--clean-chunks: that share of chunks get index num_steps (x0 at t = 0, the cache's clean context), the rest
+    a noisy step; a sample drawn all clean keeps one noisy chunk, so the ODE loss always has frames."""
+    idx = chunk_step_indices(4000, [3, 3, 3], 3, torch.Generator().manual_seed(0), clean=0.25)
+    per_chunk = idx[:, ::3]
+    assert set(idx.unique().tolist()) == {0, 1, 2, 3}
+    assert abs((per_chunk == 3).float().mean().item() - 0.25) < 0.02
+    assert (per_chunk < 3).any(1).all()
+    mostly = chunk_step_indices(500, [3, 3], 3, torch.Generator().manual_seed(1), clean=0.95)
+    assert (mostly[:, ::3] < 3).sum(1).min() == 1  # all-clean draws (90% of them) got one chunk back
+    # the default draws exactly as before the option (version 17's ODE init is reproduced step for step)
+    before = torch.randint(0, 3, (8, 2), generator=torch.Generator().manual_seed(2)).repeat_interleave(3, dim=1)
+    assert torch.equal(chunk_step_indices(8, [3, 3], 3, torch.Generator().manual_seed(2)), before)
+
+
 def test_ode_regression_loss_ignores_frames_at_t_zero() -> None:
     pred, target = torch.zeros(1, 2, 3, 1, 1), torch.zeros(1, 2, 3, 1, 1)
     pred[:, :, 2] = 100.0  # a wrong frame whose t is 0 must not count
