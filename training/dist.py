@@ -71,10 +71,13 @@ def init_distributed(device: str = "auto", fsdp: bool = False) -> DistContext:
     return DistContext(rank, world, local, dev, fsdp)
 
 
-def shutdown() -> None:
-    """Leave the process group (if one was started)."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (if one was started); ``wait``: after every rank has got here. A rank that
+    failed passes ``wait=False``: the others are blocked in a collective it will never join, so a barrier
+    would hang both (until gloo's 30-minute timeout) with the error not yet printed."""
     if tdist.is_initialized():
-        tdist.barrier()
+        if wait:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

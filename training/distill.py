@@ -271,6 +271,21 @@ def set_lr(trainables: list[Trainable], scale: float) -> None:
             group["lr"] = group["base_lr"] * scale
 
 
+def _check_sample_vae(cfg: RunConfig) -> None:
+    """Before step 0: the VAE that decodes the DiT stages' sample videos is there (``--vae run``: this run's
+    vae stage), so a missing one stops the run now, not at its first sample."""
+    from .data import run_vae_path
+
+    if cfg.vae != "run":  # pool, embedded:NAME, a file or a preset: build_codec names what is wrong
+        return
+    try:
+        run_vae_path(cfg)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err}; it decodes the sample videos every {cfg.sample_every} steps (--sample-every 0: none)"
+        ) from None
+
+
 def train_loop(
     cfg: RunConfig,
     ctx: dist.DistContext,
@@ -281,6 +296,8 @@ def train_loop(
     """Run ``step_fn`` from the start (or the resumed step) to ``cfg.steps`` with logs and checkpoints."""
     stage = stage_name(cfg)
     folder = stage_dir(cfg, stage)
+    if sample_fn is not None and cfg.sample_every and isinstance(cfg, (TeacherConfig, OdeInitConfig, DMDConfig)):
+        _check_sample_vae(cfg)
     ckpt = CheckpointManager(folder, stage, cfg, ctx)
     start, last_good = 0, ckpt.latest()
     # the lr each optimiser was built with (the config's): a checkpoint's saved lr must not override it,
@@ -824,6 +841,7 @@ def run(stage: str, cfg: RunConfig) -> dict[str, Any]:
     from .data import run_precompute
 
     ctx = dist.init_distributed(cfg.device, cfg.fsdp)
+    failed = True
     try:
         if ctx.is_main:
             print(f"== {stage} ({stage_name(cfg)}), world size {ctx.world_size}, device {ctx.device}")
@@ -832,10 +850,11 @@ def run(stage: str, cfg: RunConfig) -> dict[str, Any]:
         runner = run_precompute if isinstance(cfg, PrecomputeConfig) else RUNNERS[stage]
         result = runner(cfg, ctx)
         _say(ctx, f"== {stage} done in {time.perf_counter() - t0:.1f} s")
+        failed = False
         return result
     finally:
-        if ctx.distributed:
-            dist.shutdown()
+        if ctx.distributed:  # a failed rank leaves without the barrier: the others wait in a collective that
+            dist.shutdown(wait=not failed)  # it never joins, and torchrun stops them once this one exits
 
 
 USAGE = (

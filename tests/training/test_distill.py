@@ -225,6 +225,18 @@ def test_clean_chunks_give_the_student_the_pairs_x0_at_t_zero_as_context(
         run(tmp_path, "ode-init", "--pairs", pairs, "--teacher", teacher, "--clean-chunks", "1")
 
 
+def test_a_missing_sample_vae_stops_the_run_before_step_0(chain: dict, tmp_path: Path) -> None:
+    """--vae run with sample videos on and no vae stage in the runs folder: the error comes before training
+    (it used to come at the first sample, step 500 of a real run, on rank 0 only), naming the fix."""
+    teacher = str(chain["root"] / "shapes" / "teacher" / "final.safetensors")
+    with pytest.raises(ConfigError, match=r"vae/final.safetensors not found.*--sample-every 0"):
+        run(tmp_path, "ode-init", "--pairs", str(chain["pairs"]["folder"]), "--teacher", teacher, "--vae", "run",
+            "--sample-every", "2", "--steps", "4")  # fmt: skip
+    assert not (tmp_path / "shapes" / "ode-init").exists() or not any((tmp_path / "shapes" / "ode-init").iterdir())
+    run(tmp_path, "ode-init", "--pairs", str(chain["pairs"]["folder"]), "--teacher", teacher, "--vae", "run",
+        "--sample-every", "0", "--steps", "1")  # without samples it needs no VAE  # fmt: skip
+
+
 def test_ode_pairs_steady_targets_replace_x0_and_record_which(
     chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
