@@ -25,7 +25,7 @@ source scripts/stages.sh  # stage STAGE ...: one training stage on $NPROC ranks
 # Ablation trainings. The recipe (versions 5 to 11) already made the causal teacher (fine-tuned from the
 # bidirectional one) and the student initialised on its ODE pairs (shipped since version 6).
 stage ode-pairs                                                   # the bidirectional teacher's pairs
-stage ode-init --resume                                           # ODE init only
+stage ode-init --clean-chunks 0 --resume                          # ODE init only (as Table 4's rows were trained)
 stage dmd --resume                                                # ODE init + bidirectional teacher
 stage dmd --skip-ode-init --resume                                # few-step causal without ODE init
 stage dmd --teacher-kind causal --resume                          # ODE init + causal teacher: the paper's method

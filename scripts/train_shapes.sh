@@ -12,8 +12,9 @@
 #
 # Version 18: version 17's recipe with --clean-chunks 0.5 in ODE init: half the chunks reach the student as their
 # pair's clean x0 at t = 0 (context only, no loss), as its cache holds every earlier chunk at inference; the
-# reference draws a quarter of them clean (its list [1000, 757, 522, 0]), ours had drawn none (version 17's
-# commands: git show 1f51e84:scripts/train_shapes.sh). Its last stage runs with --seed 1: at seed 0 the same stage
+# reference draws a quarter of them clean (its list [1000, 757, 522, 0], now ode-init's default), ours had drawn
+# none (version 17's commands: git show 1f51e84:scripts/train_shapes.sh, whose ode-init needs --clean-chunks 0
+# with this code). Its last stage runs with --seed 1: at seed 0 the same stage
 # made a decoder that clouds a white background grey behind magenta squares (4 of 6 20-second videos), seed 1's
 # none of 6 (docs/reproduction.md, "Version 18").
 # Version 17: the student's ODE pairs made over 57 frames (5 chunks: the last two are past the rolling window, so

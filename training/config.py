@@ -112,9 +112,9 @@ class OdeInitConfig(RunConfig):
     pairs: str | None = None  # default: {runs_dir}/{name}/ode-pairs (ode-pairs-causal-teacher when causal)
     # share of chunks given as their clean x0 at t = 0, as context only (no loss on them): what the student's
     # cache holds at inference, where every earlier chunk was written at t = 0. The reference draws each
-    # chunk's step from [1000, 757, 522, 0], so a quarter of its chunks are clean (0.25); 0 never shows the
-    # student clean context (versions 5-17 of the Shapes model)
-    clean_chunks: float = 0.0
+    # chunk's step from [1000, 757, 522, 0], so a quarter of its chunks are clean: the default. 0 never shows
+    # the student clean context (this stage until session 37, versions 5-17 of the Shapes model)
+    clean_chunks: float = 0.25
 
 
 @dataclass

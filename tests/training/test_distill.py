@@ -223,6 +223,8 @@ def test_clean_chunks_give_the_student_the_pairs_x0_at_t_zero_as_context(
                 assert any(torch.allclose(x[b][:, clean], x0[:, clean]) for x0 in x0s)
     with pytest.raises(ConfigError, match="--clean-chunks"):
         run(tmp_path, "ode-init", "--pairs", pairs, "--teacher", teacher, "--clean-chunks", "1")
+    # by default a quarter of the chunks are clean, as the reference's few-step list [1000, 757, 522, 0] draws them
+    assert parse_cli("ode-init", ["--preset", "tiny"]).clean_chunks == 0.25
 
 
 def test_a_missing_sample_vae_stops_the_run_before_step_0(chain: dict, tmp_path: Path) -> None:
