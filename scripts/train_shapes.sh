@@ -15,7 +15,7 @@
 # reference draws a quarter of them clean (its list [1000, 757, 522, 0], now ode-init's default), ours had drawn
 # none (version 17's commands: git show 1f51e84:scripts/train_shapes.sh, whose ode-init needs --clean-chunks 0
 # with this code). Its last stage runs with --seed 1: at seed 0 the same stage
-# made a decoder that clouds a white background grey behind magenta squares (4 of 6 20-second videos), seed 1's
+# made a decoder that clouds a white background grey behind a magenta square moving right (4 of 6 20-second videos), seed 1's
 # none of 6 (docs/reproduction.md, "Version 18").
 # Version 17: the student's ODE pairs made over 57 frames (5 chunks: the last two are past the rolling window, so
 # the student learns to go on at the prompt's speed once the clip's first frame has left its cache) and their
