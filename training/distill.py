@@ -782,11 +782,12 @@ def run_dmd(cfg: DMDConfig, ctx: dist.DistContext) -> dict[str, Any]:
 
 # -- samples -------------------------------------------------------------------------------
 def _write_latent_video(latents: Tensor, cfg: RunConfig, path: Path) -> None:
+    from causvid_core.pipeline import to_uint8_frames
+
     from .data import build_codec
     from .logging_utils import write_strip, write_video
 
-    video = build_codec(cfg).decode(latents.cpu())[0]  # [3, T, H, W] in -1..1
-    frames = ((video.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    frames = to_uint8_frames(build_codec(cfg).decode(latents.cpu())).numpy()  # the first sample, [T, H, W, 3]
     write_video(frames, path, fps=16)
     write_strip(frames, path.with_suffix(".png"))  # the same sample as 8 frames in one image
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from causvid_core.bundle import file_metadata, latent_stats_json
+from causvid_core.pipeline import to_uint8_frames
 from causvid_core.vae import VAEStreamState, WanVAE, latent_stats_of
 
 from . import dist
@@ -1073,7 +1074,6 @@ def _reconstruction_video(vae: WanVAE, cfg: VAETrainConfig, path: Path) -> None:
     dev = next(vae.parameters()).device
     recon = reconstruct(vae, posterior(vae, video.to(dev))[0]).cpu()
     vae.train(was)
-    both = torch.cat([video, recon], dim=4)[0].clamp(-1, 1)
-    frames = ((both.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
-    write_video(np.ascontiguousarray(frames), path, fps=16)
+    frames = to_uint8_frames(torch.cat([video, recon], dim=4)).numpy()  # source | reconstruction, side by side
+    write_video(frames, path, fps=16)
     write_strip(frames, path.with_suffix(".png"), scale=1)  # 8 frames, each source | reconstruction
