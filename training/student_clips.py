@@ -70,8 +70,7 @@ def _centroid_offsets(size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def measure_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+def measure_path(video: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The path a drawn video [F, H, W, 3] shows, as (start [2], deviation [F, 2]): the straight path at the
     prompt's velocity through the drawing's mean position starts at ``start`` (a bounding-box centre), and the
     drawing's measured centroids (less the shape's centroid offset) lie ``deviation`` off it, frame by frame.
@@ -79,7 +78,7 @@ def measure_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] 
     the straight one: no clean target."""
     p = parse_prompt(prompt)
     size = video.shape[2]
-    offsets = offsets or _centroid_offsets(size)
+    offsets = _centroid_offsets(size)
     stats = frame_stats(video, p.background_rgb)
     if not stats.present.all():
         return None
@@ -108,11 +107,10 @@ def smooth_path(prompt: str, start: np.ndarray, deviation: np.ndarray, size: int
     return np.mod(start + _velocity(parse_prompt(prompt).direction, size) * t + kept, size)
 
 
-def target_path(video: np.ndarray, prompt: str, offsets: dict[str, np.ndarray] | None = None,
-                smooth: int = SMOOTH_FRAMES) -> np.ndarray | None:  # fmt: skip
+def target_path(video: np.ndarray, prompt: str, smooth: int = SMOOTH_FRAMES) -> np.ndarray | None:
     """Bounding-box centres [F, 2] of the prompt's object along the path a drawn video [F, H, W, 3] shows,
     ``measure_path`` then ``smooth_path``; None where there is no clean target."""
-    measured = measure_path(video, prompt, offsets)
+    measured = measure_path(video, prompt)
     return None if measured is None else smooth_path(prompt, *measured, video.shape[2], smooth)
 
 
@@ -182,7 +180,6 @@ class ClipMaker:
         self.encoder = self.bundle.text_encoder or text or checkpoint_text_encoder(student, self.bundle.model.config)
         self.vae = load_wan_vae(init)
         self.size = size
-        self.offsets = _centroid_offsets(size)
 
     @torch.no_grad()
     def shard(self, first: int, count: int, frames: int, seed: int) -> dict[str, Any]:
@@ -213,7 +210,7 @@ class ClipMaker:
                    RenderRequest(size, size, frames, seed=video_seed, fps=bundle.fps), decoder=capture,
                    writer=collect, sampling=bundle.sampling, causal=bundle.causal, keep_latents=False)  # fmt: skip
             drawn = collect.video(frames)
-            measured = measure_path(drawn, prompt, self.offsets)
+            measured = measure_path(drawn, prompt)
             if measured is None:
                 continue
             latents.append(torch.cat(capture.latents, 2)[0].half())

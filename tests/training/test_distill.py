@@ -252,7 +252,7 @@ def test_ode_pairs_steady_targets_replace_x0_and_record_which(
 
     calls = []
 
-    def path(video: np.ndarray, prompt: str, offsets: dict | None = None) -> tuple | None:
+    def path(video: np.ndarray, prompt: str) -> tuple | None:
         calls.append(len(video))
         return None if len(calls) == 2 else (np.array([20.0, 40.0]), np.zeros((len(video), 2)))
 
