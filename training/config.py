@@ -157,7 +157,7 @@ class PrecomputeConfig(RunConfig):
     shard_size: int = 64
 
 
-CENTROID_READS = ("moment", "edge")  # --centroid-read: how the decoder stage's centroid term reads the shift
+CENTROID_READS = ("moment", "edge", "coverage")  # --centroid-read: how the decoder stage's centroid term reads the shift
 
 
 @dataclass
@@ -186,12 +186,16 @@ class VAETrainConfig(RunConfig):
     stats_samples: int = 256
     inflate: bool = True  # at the switch to clips, temporal layers start as the image network (stills)
     mask_weight: float = 0.0  # soft-segmentation loss at the metrics' 80-from-background threshold
-    centroid_weight: float = 0.0  # Huber loss of the per-frame object centroid (px): the figures' motion
-    # how --centroid-weight reads the object's shift: 'moment' (the centroids' difference) or 'edge' (one
-    # Lucas-Kanade step on the true outline, which pushes corners no harder than the sides)
+    centroid_weight: float = 0.0  # smooth-L1 loss of the per-frame object centroid (px): the figures' motion
+    # how --centroid-weight reads the object's shift: 'moment' (the centroids' difference), 'edge' (one
+    # Lucas-Kanade step on the true outline, which pushes corners no harder than the sides) or 'coverage' (the
+    # centroids the figures take, faint edge pixels weighed by their distance from the background)
     centroid_read: str = "moment"
     # --centroid-weight on the offset's change from frame to frame (the object's steps), not on the offset
     centroid_motion: bool = False
+    # px where --centroid-weight's smooth-L1 loss turns from quadratic to linear (slope 1): temporal quality
+    # pays about linearly for every tenth of a pixel, which a term quadratic up to 1 px barely pushes
+    centroid_delta: float = 1.0
     # the object's fill ratio (area / bounding box) and box size, soft-segmented as the figures segment, against
     # the true object's: a decoder rounds the corners it is unsure of, which costs few pixels but names the shape
     box_weight: float = 0.0
@@ -491,6 +495,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.critic_steps < 1:
             raise ConfigError(f"--critic-steps must be at least 1, got {cfg.critic_steps}")
     if isinstance(cfg, VAETrainConfig):
+        if cfg.centroid_delta <= 0:
+            raise ConfigError(f"--centroid-delta {cfg.centroid_delta}: the centroid term's quadratic part needs a positive width in px")
         if cfg.centroid_read not in CENTROID_READS:
             raise ConfigError(f"--centroid-read must be one of {', '.join(CENTROID_READS)}, got {cfg.centroid_read!r}")
         if (cfg.clip_frames - 1) % 4:

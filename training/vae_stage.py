@@ -155,10 +155,35 @@ def edge_shift(mask: Tensor, truth: Tensor) -> Tensor:
     return torch.stack([(gxy * by - gyy * bx) / det, (gxy * bx - gxx * by) / det], -1)
 
 
-def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bool = False) -> Tensor:
-    """Huber loss (1 px) of the per-frame distance between the centroids of the soft object masks of
-    ``recon`` and ``video``, in pixels, on frames where the object is there; ``read`` as ``edge_shift``
-    or the centroids' difference. ``motion``: of the change of that offset from one frame to the next
+def torus_dilate(mask: Tensor, radius: int) -> Tensor:
+    """[B, T, H, W] bool dilated by a (2r+1)^2 square on the torus (training/metrics.py's ``_roll_or``)."""
+    b, t, h, w = mask.shape
+    x = F.pad(mask.reshape(b * t, 1, h, w).float(), (radius,) * 4, mode="circular")
+    return F.max_pool2d(x, 2 * radius + 1, stride=1).reshape(b, t, h, w) > 0.5
+
+
+def coverage(video: Tensor, bg: Tensor) -> Tensor:
+    """[B, T, H, W]: the soft coverage the figures weigh a frame's centroid by (training/metrics.py), with
+    gradients through the distances: ``clip(dist / ref, 0, 1)`` on the object's 2-px neighbourhood, ``ref``
+    the mean distance over the object's interior (the 80-from-background mask eroded by one pixel; the
+    mask itself when nothing is left). Faint edge pixels count by how far they are from the background."""
+    dist = ((video - bg).square().sum(1) + 1e-12).sqrt()  # [B, T, H, W], -1..1 units
+    mask = dist.detach() > OBJECT_DISTANCE
+    interior = ~torus_dilate(~mask, 1)
+    core = torch.where(interior.flatten(2).any(-1)[..., None, None], interior, mask).to(dist.dtype)
+    ref = (dist * core).sum((-1, -2)) / core.sum((-1, -2)).clamp_min(1.0)
+    ref = ref.clamp_min(2.0 / 255.0)[..., None, None]  # the figures' floor of 1 RGB level
+    return (dist / ref).clamp(0.0, 1.0) * torus_dilate(mask, 2).to(dist.dtype)
+
+
+def centroid_loss(
+    recon: Tensor, video: Tensor, read: str = "moment", motion: bool = False, beta: float = 1.0
+) -> Tensor:
+    """Smooth-L1 loss (quadratic within ``beta`` px, default 1, then the distance itself) of the per-frame
+    distance between the object centroids of ``recon`` and ``video``, in pixels, on frames where the object
+    is there; ``read``: the centroids' difference ('moment', of the soft 80-from-background masks), one Lucas-Kanade step (``edge_shift``) or
+    the difference of the centroids the figures take ('coverage': weighted by ``coverage``, so a faint edge
+    counts as temporal quality counts it). ``motion``: of the change of that offset from one frame to the next
     instead (``--centroid-motion``), so a drawing that sits off the clip's by the same amount in every
     frame costs nothing and only its steps count, as temporal quality counts them.
 
@@ -172,8 +197,9 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bo
     soft = torch.sigmoid(object_logit(recon, bg))
     if read == "edge":
         delta = edge_shift(soft, truth)
-    elif read == "moment":
-        a, b = circular_centroid(soft), circular_centroid(truth)
+    elif read in ("moment", "coverage"):
+        drawn, meant = (coverage(recon, bg), coverage(video, bg)) if read == "coverage" else (soft, truth)
+        a, b = circular_centroid(drawn), circular_centroid(meant)
         size = torch.tensor([video.shape[-1], video.shape[-2]], device=video.device, dtype=a.dtype)
         delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
     else:
@@ -182,7 +208,8 @@ def centroid_loss(recon: Tensor, video: Tensor, read: str = "moment", motion: bo
     if motion:
         delta, there = delta[:, 1:] - delta[:, :-1], there[:, 1:] * there[:, :-1]
     err = torch.sqrt(delta.square().sum(-1) + 1e-6)
-    return (F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0) * there).sum() / there.sum().clamp_min(1)
+    loss = F.smooth_l1_loss(err, torch.zeros_like(err), reduction="none", beta=beta)  # slope 1 past beta
+    return (loss * there).sum() / there.sum().clamp_min(1)
 
 
 def centre_on(maps: Tensor, truth: Tensor) -> Tensor:
@@ -454,7 +481,7 @@ def picture_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Ten
     terms = (("colour", cfg.colour_weight, cell_colour_loss),  # the low-frequency part of the error: cell colours
              ("mask", cfg.mask_weight, mask_loss),
              ("centroid", cfg.centroid_weight,
-              lambda r, v: centroid_loss(r, v, cfg.centroid_read, cfg.centroid_motion)),
+              lambda r, v: centroid_loss(r, v, cfg.centroid_read, cfg.centroid_motion, cfg.centroid_delta)),
              ("object_colour", cfg.object_colour_weight, object_colour_loss),
              ("box", cfg.box_weight, box_loss))  # fmt: skip
     for name, weight, term in terms:

@@ -255,6 +255,21 @@ def test_centroid_loss_measures_the_object_shift_in_pixels_across_the_wrap() -> 
     assert centroid_loss(torch.roll(video, 3, dims=-1), video).item() == pytest.approx(2.5, abs=0.05)
 
 
+def test_centroid_delta_makes_the_term_the_distance_itself_past_it() -> None:
+    """``--centroid-delta D``: quadratic within D px, then the distance in px (slope 1), so a tenth of a pixel
+    still pulls: a 1-px shift costs 0.95 at D = 0.1 (0.5 at the default 1); D must be positive."""
+    from training.vae_stage import centroid_loss
+
+    video = to_model_range(render_video("a red square moving right on a gray background", 3, 5, 64))[None]
+    moved = torch.roll(video, 1, dims=-1)
+    assert centroid_loss(moved, video, "coverage", beta=0.1).item() == pytest.approx(0.95, abs=0.01)
+    assert centroid_loss(moved, video, "coverage").item() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ConfigError, match="--centroid-delta"):
+        make_config("vae", "tiny", {"centroid_delta": "0"})
+    cfg = make_config("vae", "tiny", {"centroid_delta": "0.1"})
+    assert cfg.centroid_delta == 0.1
+
+
 def test_centroid_motion_counts_the_steps_not_a_steady_offset() -> None:
     """``--centroid-motion``: a drawing one pixel off in every frame costs nothing; one frame drawn a pixel
     off costs the two steps into and out of it (Huber 0.5 each, of 4 steps), by either read."""
@@ -263,7 +278,7 @@ def test_centroid_motion_counts_the_steps_not_a_steady_offset() -> None:
     video = to_model_range(render_video("a blue square moving down on a gray background", 3, 5, 64))[None]
     one_late = video.clone()
     one_late[:, :, 2] = torch.roll(video[:, :, 2], 1, dims=-1)
-    for read in ("moment", "edge"):
+    for read in ("moment", "edge", "coverage"):
         assert centroid_loss(torch.roll(video, 1, dims=-1), video, read, motion=True).item() == pytest.approx(0.0, abs=1e-3)
         assert centroid_loss(one_late, video, read, motion=True).item() == pytest.approx(0.25, abs=0.02)
         assert centroid_loss(one_late, video, read).item() == pytest.approx(0.1, abs=0.01)  # per frame: 1 of 5
@@ -281,15 +296,37 @@ def test_the_centroid_flags_choose_the_term_vae_loss_adds(monkeypatch) -> None:
     drawn[:, :, 2] = torch.roll(video[:, :, 2], 1, dims=-1)
     monkeypatch.setattr(vae_stage, "reconstruct", lambda vae, z: drawn)
     plain, _ = vae_stage.vae_loss(vae, video, eps, base, 0.0)
-    seen = set()
-    for read, motion in (("moment", "false"), ("edge", "false"), ("moment", "true"), ("edge", "true")):
-        cfg = make_config("vae", "tiny", {"centroid_weight": "2", "centroid_read": read, "centroid_motion": motion})
-        weighted, parts = vae_stage.vae_loss(vae, video, eps, cfg, 0.0)
-        expected = vae_stage.centroid_loss(drawn, video, read, motion == "true").item()
-        assert expected > 0.05 and parts["centroid"] == pytest.approx(expected, rel=1e-4)
-        assert weighted.item() == pytest.approx(plain.item() + 2 * expected, rel=1e-4)
-        seen.add(round(expected, 3))
-    assert len(seen) == 2  # the flags reach the loss: the static term and the motion term differ
+    for read in ("moment", "edge", "coverage"):
+        seen = set()
+        for motion in ("false", "true"):
+            cfg = make_config("vae", "tiny", {"centroid_weight": "2", "centroid_read": read, "centroid_motion": motion})
+            weighted, parts = vae_stage.vae_loss(vae, video, eps, cfg, 0.0)
+            expected = vae_stage.centroid_loss(drawn, video, read, motion == "true").item()
+            assert expected > 0.05 and parts["centroid"] == pytest.approx(expected, rel=1e-4)
+            assert weighted.item() == pytest.approx(plain.item() + 2 * expected, rel=1e-4)
+            seen.add(round(expected, 3))
+        assert len(seen) == 2  # the flags reach the loss: the static term and the motion term differ
+
+
+def test_coverage_read_takes_the_centroid_the_figures_take() -> None:
+    """``--centroid-read coverage``: on frames with soft edges (a blurred triangle moving up, across the
+    top/bottom edge) its centroid is training/metrics.py's to a thousandth of a pixel, steps of 1.5 px as
+    the figures see them, where the soft 80-from-background mask ('moment') reads steps of 1.37 / 1.63."""
+    from training.metrics import frame_stats
+    from training.vae_stage import background, circular_centroid, coverage, object_logit
+
+    video = to_model_range(render_video("a green triangle moving up on a gray background", 2, 5, 64))[None]
+    blurred = torch.nn.functional.avg_pool3d(video, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)
+    frames = ((torch.roll(blurred, 30, dims=-2)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0)
+    clip = to_model_range(frames.numpy())[None]
+    to_px = lambda angles: (angles[0] / (2 * np.pi) * 64 % 64).numpy()  # noqa: E731
+    ours = to_px(circular_centroid(coverage(clip, background(clip))))
+    figures = frame_stats(frames.numpy(), (128, 128, 128)).centroid
+    np.testing.assert_allclose(ours, figures, atol=1e-3)
+    steps = np.abs(np.diff(ours[:, 1]))
+    np.testing.assert_allclose(steps, 1.5, atol=0.01)
+    moment = to_px(circular_centroid(torch.sigmoid(object_logit(clip, background(clip)))))
+    assert np.abs(np.abs(np.diff(moment[:, 1])) - 1.5).max() > 0.1
 
 
 def test_box_loss_reads_the_fill_ratio_as_the_figures_do_and_asks_for_the_corners_back() -> None:
