@@ -272,7 +272,7 @@ def test_centroid_delta_makes_the_term_the_distance_itself_past_it() -> None:
 
 def test_centroid_motion_counts_the_steps_not_a_steady_offset() -> None:
     """``--centroid-motion``: a drawing one pixel off in every frame costs nothing; one frame drawn a pixel
-    off costs the two steps into and out of it (Huber 0.5 each, of 4 steps), by either read."""
+    off costs the two steps into and out of it (Huber 0.5 each, of 4 steps), by each read."""
     from training.vae_stage import centroid_loss
 
     video = to_model_range(render_video("a blue square moving down on a gray background", 3, 5, 64))[None]
@@ -317,7 +317,7 @@ def test_coverage_read_takes_the_centroid_the_figures_take() -> None:
 
     video = to_model_range(render_video("a green triangle moving up on a gray background", 2, 5, 64))[None]
     blurred = torch.nn.functional.avg_pool3d(video, (1, 3, 3), 1, (0, 1, 1), count_include_pad=False)
-    frames = ((torch.roll(blurred, 30, dims=-2)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0)
+    frames = ((torch.roll(blurred, 40, dims=-2)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0)
     clip = to_model_range(frames.numpy())[None]
     to_px = lambda angles: (angles[0] / (2 * np.pi) * 64 % 64).numpy()  # noqa: E731
     ours = to_px(circular_centroid(coverage(clip, background(clip))))
