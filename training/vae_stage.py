@@ -181,9 +181,9 @@ def centroid_loss(
 ) -> Tensor:
     """Smooth-L1 loss (quadratic within ``beta`` px, default 1, then the distance itself) of the per-frame
     distance between the object centroids of ``recon`` and ``video``, in pixels, on frames where the object
-    is there; ``read``: the centroids' difference ('moment', of the soft 80-from-background masks), one Lucas-Kanade step (``edge_shift``) or
-    the difference of the centroids the figures take ('coverage': weighted by ``coverage``, so a faint edge
-    counts as temporal quality counts it). ``motion``: of the change of that offset from one frame to the next
+    is there; ``read``: the centroids' difference ('moment', of the soft 80-from-background masks), one
+    Lucas-Kanade step (``edge_shift``) or the difference of the centroids the figures take ('coverage':
+    weighted by ``coverage``, so a faint edge counts as temporal quality counts it). ``motion``: of the change of that offset from one frame to the next
     instead (``--centroid-motion``), so a drawing that sits off the clip's by the same amount in every
     frame costs nothing and only its steps count, as temporal quality counts them.
 
@@ -194,11 +194,13 @@ def centroid_loss(
     """
     bg = background(video)
     truth = torch.sigmoid(object_logit(video, bg))
-    soft = torch.sigmoid(object_logit(recon, bg))
     if read == "edge":
-        delta = edge_shift(soft, truth)
+        delta = edge_shift(torch.sigmoid(object_logit(recon, bg)), truth)
     elif read in ("moment", "coverage"):
-        drawn, meant = (coverage(recon, bg), coverage(video, bg)) if read == "coverage" else (soft, truth)
+        if read == "coverage":
+            drawn, meant = coverage(recon, bg), coverage(video, bg)
+        else:
+            drawn, meant = torch.sigmoid(object_logit(recon, bg)), truth
         a, b = circular_centroid(drawn), circular_centroid(meant)
         size = torch.tensor([video.shape[-1], video.shape[-2]], device=video.device, dtype=a.dtype)
         delta = torch.atan2(torch.sin(a - b), torch.cos(a - b)) * size / (2 * math.pi)  # wrapped, in pixels
