@@ -183,9 +183,10 @@ def centroid_loss(
     distance between the object centroids of ``recon`` and ``video``, in pixels, on frames where the object
     is there; ``read``: the centroids' difference ('moment', of the soft 80-from-background masks), one
     Lucas-Kanade step (``edge_shift``) or the difference of the centroids the figures take ('coverage':
-    weighted by ``coverage``, so a faint edge counts as temporal quality counts it). ``motion``: of the change of that offset from one frame to the next
-    instead (``--centroid-motion``), so a drawing that sits off the clip's by the same amount in every
-    frame costs nothing and only its steps count, as temporal quality counts them.
+    weighted by ``coverage``, so a faint edge counts as temporal quality counts it). ``motion``: of the
+    change of that offset from one frame to the next instead (``--centroid-motion``), so a drawing that sits
+    off the clip's by the same amount in every frame costs nothing and only its steps count, as temporal
+    quality counts them.
 
     Why: the Shapes VAE decoded every group of four frames that share a latent frame with a fixed phase
     error (the three in-between frames drawn 0.5-0.7 px ahead, toward the frame the latent was encoded
