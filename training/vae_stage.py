@@ -458,9 +458,23 @@ def offset_std(sizes: list[float], init_std: Tensor | None) -> Tensor | None:
     return torch.tensor(sizes, device=init_std.device).view(1, -1, 1, 1, 1) * init_std
 
 
-def reconstruct(vae: WanVAE, z: Tensor) -> Tensor:
-    state = VAEStreamState("decode")
+def reconstruct(vae: WanVAE, z: Tensor, state: VAEStreamState | None = None) -> Tensor:
+    """Raw latents -> the decoder's unclamped drawing; with ``state``, continuing that stream."""
+    state = state if state is not None else VAEStreamState("decode")
     return vae.decoder(vae.conv2(z, state), state)
+
+
+def stream_window(vae: WanVAE, z: Tensor, video: Tensor, start: int, count: int) -> tuple[Tensor, Tensor]:
+    """(drawing, frames) of latent frames ``start`` .. ``start + count`` of a clip, drawn as a stream decodes them:
+    the latents before ``start`` prime the decoder's causal cache without gradient, so the window's frames are
+    those of the whole clip's decode at a fraction of the cost (``--student-frames``)."""
+    state = VAEStreamState("decode")
+    if start > 0:
+        with torch.no_grad():
+            reconstruct(vae, z[:, :, :start], state)
+    first = 0 if start == 0 else 1 + 4 * (start - 1)  # the first latent frame gives one frame, the others four
+    drawn = reconstruct(vae, z[:, :, start : start + count], state)
+    return drawn, video[:, :, first : first + drawn.shape[2]]
 
 
 def pixel_loss(recon: Tensor, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -834,6 +848,11 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     if cfg.student is not None and (cfg.student_clips < 1 or cfg.student_batch < 1):
         raise ConfigError(f"--student-clips {cfg.student_clips} / --student-batch {cfg.student_batch}: "
                           "use at least 1 of each with --student")  # fmt: skip
+    if cfg.student_frames < 0 or (cfg.student_frames > 0 and (
+            (cfg.student_frames - 1) % 4 or cfg.student_frames > cfg.num_frames or cfg.student is None)):
+        raise ConfigError(f"--student-frames {cfg.student_frames}: the window of each --student clip drawn per step, "
+                          f"1 + 4k frames up to the clip's --num-frames {cfg.num_frames} (e.g. 17; 0: the whole "
+                          "clip), with --student")  # fmt: skip
     if cfg.student_workers < 0:
         raise ConfigError(f"--student-workers {cfg.student_workers}: processes that make --student's clips; give "
                           "1 or more, or 0 for one per core")  # fmt: skip
@@ -996,11 +1015,17 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             pick = torch.from_numpy(np.random.default_rng([cfg.seed, step, ctx.rank, 11]).integers(
                 len(student[0]), size=cfg.student_batch))  # fmt: skip
             z = student[0][pick].to(dev) * init_std + init_mean  # the init's raw latents
+            target = student[1][pick].to(dev)
             if student_shift_std is not None:  # one offset per clip and channel, as --latent-shift gives the encoder's
                 z = z + student_shift_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
-            target = student[1][pick].to(dev)
             with dist.autocast(ctx, cfg.amp):
-                drawn = reconstruct(model.module if hasattr(model, "module") else model, z)[:, :, : target.shape[2]]
+                if cfg.student_frames:  # a window anywhere in the clip, the decoder primed on what precedes it
+                    count = 1 + (cfg.student_frames - 1) // 4
+                    start = int(np.random.default_rng([cfg.seed, step, ctx.rank, 13]).integers(
+                        z.shape[2] - count + 1))  # fmt: skip
+                    drawn, target = stream_window(raw, z, target, start, count)
+                else:
+                    drawn = reconstruct(raw, z)[:, :, : target.shape[2]]
                 student_loss, student_parts = picture_loss(drawn, target, cfg)
             loss = loss + student_loss
             parts |= {"student": float(student_loss.detach()), "student_mask": student_parts.get("mask", 0.0)}

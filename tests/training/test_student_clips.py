@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from causvid_core.bundle import embedded_file
+from causvid_core.vae import VAE_PRESETS, WanVAE
 from training import distill
 from training import student_clips as student_clips_module
 from training.config import ConfigError, make_config, stage_name
@@ -27,7 +28,7 @@ from training.student_clips import (
     student_clips,
     target_path,
 )
-from training.vae_stage import shift_sizes
+from training.vae_stage import reconstruct, shift_sizes, stream_window
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ("a red triangle moving up on a gray background", "a blue square moving left",
@@ -246,6 +247,13 @@ def test_student_needs_a_decoder_fine_tune_and_a_real_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--student-smooth -1"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student": "embedded:shapes", "student_smooth": "-1"}))
+    for frames, why in (("8", "1 \\+ 4k"), ("-1", "1 \\+ 4k"), ("37", "up to the clip's --num-frames 33")):
+        with pytest.raises(ConfigError, match=f"--student-frames {frames}: .*{why}"):
+            distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                             "student": "embedded:shapes", "student_frames": frames}))
+    with pytest.raises(ConfigError, match="--student-frames 17: .*with --student"):
+        distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
+                                                         "student_frames": "17"}))
     with pytest.raises(ConfigError, match="--student-clips 0"):
         distill.run("vae", make_config("vae", "shapes", {**base, "decoder_only": "true", "init": init,
                                                          "student": "embedded:shapes", "student_clips": "0"}))
@@ -274,3 +282,24 @@ def test_student_offsets_reach_the_stage_channel_by_channel(tmp_path) -> None:
     plain = student_loss("plain", {})
     assert student_loss("spared", {"student_shift": "0.5", "student_shift_channels": "0-15:0"}) == plain
     assert student_loss("shifted", {"student_shift": "0.5"}) != plain
+    # --student-frames: the clip's first frames only; all 9 of a 9-frame clip is the whole clip, bit for bit
+    assert student_loss("all", {"student_frames": "9"}) == plain
+    assert student_loss("start", {"student_frames": "5"}) != plain
+
+
+@pytest.mark.parametrize("start", [0, 1, 3])
+def test_a_student_window_is_drawn_as_the_whole_clip_draws_it(start: int) -> None:
+    """--student-frames: a window of latent frames, the decoder primed on the ones before it, gives the frames of
+    the whole clip's decode at that place (the first latent frame gives one frame, the others four each) and the
+    target frames that match them, so a window anywhere teaches what the whole clip would."""
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_PRESETS["tiny"]).eval()
+    z = torch.randn(1, vae.z_dim, 6, 4, 4)
+    video = torch.arange(21, dtype=torch.float32).view(1, 1, 21, 1, 1).expand(1, 3, 21, 32, 32)
+    with torch.no_grad():
+        whole = reconstruct(vae, z)
+        drawn, target = stream_window(vae, z, video, start, 2)
+    first = 0 if start == 0 else 1 + 4 * (start - 1)
+    assert drawn.shape[2] == (5 if start == 0 else 8) == target.shape[2]
+    torch.testing.assert_close(drawn, whole[:, :, first : first + drawn.shape[2]], atol=1e-5, rtol=1e-4)
+    assert target[0, 0, :, 0, 0].tolist() == list(range(first, first + drawn.shape[2]))
