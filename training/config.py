@@ -243,9 +243,10 @@ class VAETrainConfig(RunConfig):
     student: str | None = None
     student_clips: int = 800  # clips made from --student (kept in the stage's folder; about 0.55 s each on 2 cores)
     student_batch: int = 2  # --student clips per step, beside --batch-size clips of the encoder's latents
-    # each --student clip draws a window of its latents this long (in frames, 1 + 4k; 0: the whole clip) per step, at
-    # a random place, the decoder's causal cache primed without gradient on the latents before it (as a stream
-    # decodes them): every place in the clip is learned at about half the cost of the whole, and the time buys steps
+    # each --student clip draws a window of 1 + (N - 1) / 4 latent frames per step (N = 1 + 4k frames at the clip's
+    # start, N + 3 elsewhere; 0: the whole clip) at a random place, the decoder's causal cache primed without gradient
+    # on the latents before it (as a stream decodes them): every place in the clip is learned at about half the
+    # cost of the whole (N = 17 of 33), and the time buys steps
     student_frames: int = 0
     # processes (one thread each) that make the --student clips; 0: one per core, at most 8 (2 cores: 2.84 clips/s,
     # one two-thread process 2.14)

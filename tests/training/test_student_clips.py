@@ -282,7 +282,7 @@ def test_student_offsets_reach_the_stage_channel_by_channel(tmp_path) -> None:
     plain = student_loss("plain", {})
     assert student_loss("spared", {"student_shift": "0.5", "student_shift_channels": "0-15:0"}) == plain
     assert student_loss("shifted", {"student_shift": "0.5"}) != plain
-    # --student-frames: the clip's first frames only; all 9 of a 9-frame clip is the whole clip, bit for bit
+    # --student-frames: a window of the clip; all 9 frames of a 9-frame clip is the whole clip, bit for bit
     assert student_loss("all", {"student_frames": "9"}) == plain
     assert student_loss("start", {"student_frames": "5"}) != plain
 
