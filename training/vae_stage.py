@@ -1019,13 +1019,12 @@ def run_vae(cfg: VAETrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             if student_shift_std is not None:  # one offset per clip and channel, as --latent-shift gives the encoder's
                 z = z + student_shift_std * randn((len(pick), cfg.arch.z_dim, 1, 1, 1), gen, dev)
             with dist.autocast(ctx, cfg.amp):
-                if cfg.student_frames:  # a window anywhere in the clip, the decoder primed on what precedes it
+                start, count = 0, z.shape[2]  # the whole clip, or (--student-frames) a window anywhere in it
+                if cfg.student_frames:
                     count = 1 + (cfg.student_frames - 1) // 4
                     start = int(np.random.default_rng([cfg.seed, step, ctx.rank, 13]).integers(
                         z.shape[2] - count + 1))  # fmt: skip
-                    drawn, target = stream_window(raw, z, target, start, count)
-                else:
-                    drawn = reconstruct(raw, z)[:, :, : target.shape[2]]
+                drawn, target = stream_window(raw, z, target, start, count)
                 student_loss, student_parts = picture_loss(drawn, target, cfg)
             loss = loss + student_loss
             parts |= {"student": float(student_loss.detach()), "student_mask": student_parts.get("mask", 0.0)}
